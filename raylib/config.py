@@ -1,0 +1,238 @@
+"""The job schema: one YAML file describes one piece of work.
+
+The same validated `JobConfig` drives `raylib train` (local or cluster), `jobs/finetune.py`
+under `ray job submit`, and the base of a `raylib tune` search. Validation happens here,
+before Ray starts: unknown keys are errors, and every error names the field and the fix.
+
+Relative paths in a job resolve against the current working directory (for `ray job
+submit`, that is the job's working_dir on the cluster).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from raylib.errors import ConfigError
+from raylib.methods import METHODS
+from raylib.objectives import ObjectiveOptions
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    path: str = Field(description="local directory or hub id of a causal LM (from_pretrained)")
+    tokenizer: str | None = Field(None, description="defaults to model.path")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    quantization: Literal["nf4", "fp4", "int8"] | None = None
+    double_quant: bool = True
+    trust_remote_code: bool = False
+    revision: str | None = None
+    attn_implementation: str | None = None
+
+
+class FieldMap(_Strict):
+    """Column names in the data source."""
+
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    text: str = "text"
+    messages: str = "messages"
+
+
+class DataConfig(_Strict):
+    train: str = Field(description="JSONL/JSON/CSV/parquet path, or hf:<dataset id>[:split]")
+    eval: str | None = None
+    eval_split: float = Field(0.1, ge=0, lt=1, description="held-out share when data.eval is unset")
+    template: Literal["alpaca", "chat", "plain"] = "alpaca"
+    fields: FieldMap = Field(default_factory=FieldMap)
+    max_length: PositiveInt = 512
+    packing: bool = True
+    train_on_prompt: bool = False
+    too_long: Literal["drop", "truncate"] = "drop"
+    max_rows: PositiveInt | None = None
+
+
+class BackendConfig(_Strict):
+    name: Literal["accelerate"] = "accelerate"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+
+
+class ScalingConfig(_Strict):
+    num_workers: PositiveInt = 1
+    use_gpu: bool | Literal["auto"] = "auto"
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class TrainConfig(_Strict):
+    lr: float = Field(2e-4, gt=0)
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = Field(None, description="optimizer steps; overrides epochs")
+    batch_size: PositiveInt = Field(8, description="sequences per worker per micro-batch")
+    grad_accum: PositiveInt = 1
+    seed: int = 0
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"] | None = None
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints; 0 = only at the end")
+    keep_checkpoints: PositiveInt = 2
+    eval_every: int | None = Field(None, ge=0, description="steps between evals; default checkpoint_every")
+    log_every: PositiveInt = 1
+    max_failures: int = Field(0, ge=-1, description="worker-failure restarts (Ray FailureConfig)")
+
+
+class OutputConfig(_Strict):
+    dir: str = Field(description="run directory: final expert at its root, checkpoints/ inside")
+    experiment: str | None = None
+    domain: str | None = Field(None, description="domain label written to expert.json")
+
+
+MethodConfig = Annotated[Union[tuple(m.Options for m in METHODS.values())], Field(discriminator="name")]
+
+
+class JobConfig(_Strict):
+    model: ModelConfig
+    data: DataConfig
+    method: MethodConfig
+    objective: ObjectiveOptions = Field(default_factory=lambda: ObjectiveOptions())
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig
+
+    @model_validator(mode="after")
+    def _method_defaults(self) -> "JobConfig":
+        method = METHODS[self.method.name]
+        if method.quantization and self.model.quantization is None:
+            self.model.quantization = method.quantization
+        if self.train.optimizer is None:
+            self.train.optimizer = method.default_optimizer
+        return self
+
+    @property
+    def run_name(self) -> str:
+        return self.output.experiment or os.path.basename(os.path.normpath(self.output.dir))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_job(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConfig:
+    """Read a job YAML, apply `key.path=value` overrides, validate. Raises ConfigError."""
+    raw = read_yaml(path)
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_job(raw, source=str(path))
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError("", f"job file {str(path)!r} does not exist", "pass the path of a job YAML")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path} is not valid YAML: {exc}".replace("\n", " ")) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"{path} must be a YAML mapping of sections (model, data, method, ...)")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """`train.lr=1e-4` -> raw["train"]["lr"] = 1e-4 (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError("--set", f"{item!r} is not KEY=VALUE", "write e.g. --set train.lr=1e-4")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(key, f"cannot set a field inside {part!r}, which is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def validate_job(raw: dict[str, Any], source: str = "job") -> JobConfig:
+    try:
+        job = JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("", f"{source}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+    METHODS[job.method.name].check(job)
+    return job
+
+
+# --------------------------------------------------------------------------- error text
+
+_SECTIONS_WITH_TAGS = {"method": {m.name: m.Options for m in METHODS.values()}}
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    # a discriminated union puts the tag into the location: method.lora.r -> method.r
+    if len(loc) > 1 and loc[0] in _SECTIONS_WITH_TAGS and loc[1] in _SECTIONS_WITH_TAGS[loc[0]]:
+        loc = [loc[0], *loc[2:]]
+    field = ".".join(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        valid = _valid_fields(err["loc"][:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"valid fields: {', '.join(valid)}"
+        return f"{field}: unknown field ({hint})"
+    if kind == "missing":
+        return f"{field}: required field is missing"
+    if kind == "union_tag_invalid":
+        names = sorted(_SECTIONS_WITH_TAGS.get(loc[0], {}))
+        got = err.get("input", {}).get("name") if isinstance(err.get("input"), dict) else None
+        close = difflib.get_close_matches(str(got), names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{field}.name: unknown {loc[0]} {got!r}{hint}; choose one of {', '.join(names)}"
+    if kind == "union_tag_not_found":
+        names = sorted(_SECTIONS_WITH_TAGS.get(loc[0], {}))
+        return f"{field}.name: required; choose one of {', '.join(names)}"
+    return f"{field}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _valid_fields(loc: tuple) -> list[str]:
+    """Field names of the model at `loc` (walking nested models and method tags)."""
+    model: Any = JobConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        section = _SECTIONS_WITH_TAGS.get(part) if model is JobConfig else None
+        if section is not None:
+            model = section
+            continue
+        if isinstance(model, dict):
+            model = model.get(part, {})
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+    if isinstance(model, dict):  # a tagged section with no tag given
+        return sorted({f for m in model.values() for f in m.model_fields})
+    return sorted(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def _model_of(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation) if get_origin(annotation) is not None else ():
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None

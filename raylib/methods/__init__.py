@@ -1,0 +1,76 @@
+"""The method registry: one entry per fine-tuning method, selected by `method.name`.
+
+A method is a small object with a pydantic `Options` model (its YAML keys, validated before
+Ray starts) and four operations the training loop and the serve layer call:
+
+- `check(job)`: extra driver-side validation (e.g. build the PEFT config to catch bad keys);
+- `apply(model, job)`: turn a loaded base model into the model to train (freeze, wrap, ...);
+- `save(model, out_dir)`: write the trained weights in an ecosystem format;
+- `load_into(model, src_dir)`: put saved trained weights back into a model built by `apply`
+  (resume from a checkpoint);
+- `load(base_model, src_dir)`: base model + saved expert -> model ready for inference.
+
+Adding a method = one module with a `Method` subclass + one line in `METHODS`.
+Modules here must stay cheap to import (no torch/peft at import time): the config schema is
+built from these Options and is validated before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from raylib.config import JobConfig
+
+
+class MethodOptions(BaseModel):
+    """Base of every method's options: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    Options: ClassVar[type[MethodOptions]]
+    #: quantized loading the method needs (e.g. qlora -> "nf4"), None for full precision
+    quantization: ClassVar[str | None] = None
+    #: optimizer the method defaults to when train.optimizer is not set
+    default_optimizer: ClassVar[str] = "adamw"
+
+    def check(self, job: "JobConfig") -> None:
+        """Driver-side validation beyond the schema. Raise ConfigError."""
+
+    @abstractmethod
+    def apply(self, model, job: "JobConfig"):
+        """Base model -> the model to train (only the method's parameters trainable)."""
+
+    @abstractmethod
+    def save(self, model, out_dir: str) -> None:
+        """Write the trained weights in the ecosystem's format (unwrapped model)."""
+
+    @abstractmethod
+    def load_into(self, model, src_dir: str) -> None:
+        """Load weights written by `save` into a model built by `apply` (resume)."""
+
+    @abstractmethod
+    def load(self, base_model, src_dir: str):
+        """Base model + a saved expert -> model ready for inference."""
+
+
+def _registry() -> dict[str, Method]:
+    from raylib.methods.full import FullFineTuning
+    from raylib.methods.peft_methods import LoRA, QLoRA
+
+    methods = [FullFineTuning(), LoRA(), QLoRA()]
+    return {m.name: m for m in methods}
+
+
+METHODS: dict[str, Method] = _registry()
+
+
+def get_method(name: str) -> Method:
+    return METHODS[name]
