@@ -1,0 +1,381 @@
+"""Data: sources -> rows -> prompt/response token ids -> packed training sequences.
+
+- Sources: JSONL/JSON/CSV/parquet files, a `datasets.save_to_disk` directory, or
+  `hf:<dataset id>[:split]` (HF `datasets`, works where a hub is reachable).
+- Templates: `alpaca` (the seeds' `### Instruction / ### Input / ### Output / ### End`),
+  `chat` (the tokenizer's chat template over `messages`, or instruction/output as a
+  user/assistant turn) and `plain` (a `text` column, every token trained).
+- Labels are masked (-100) on the prompt unless `data.train_on_prompt`.
+- Packing puts whole examples into sequences of at most `max_length` tokens
+  (first-fit-decreasing). Each example keeps its own position ids, and transformers builds a
+  block-diagonal causal mask from them, so packed examples never attend to each other.
+- Bad rows (missing fields, empty text) are counted by reason and reported; a source with
+  no usable rows is a DataError before any Ray resources are spent.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from raylib.errors import DataError
+
+IGNORE = -100
+
+
+# --------------------------------------------------------------------------- templates
+
+
+@dataclass(frozen=True)
+class AlpacaTemplate:
+    """The instruction template from the seeds (Alpaca/Dolly style)."""
+
+    blurb: str = (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request."
+    )
+    end: str = "\n\n### End"
+
+    def prompt(self, instruction: str, input: str = "") -> str:
+        parts = [self.blurb, f"### Instruction:\n{instruction}"]
+        if input:
+            parts.append(f"### Input:\n{input}")
+        parts.append("### Output:\n")
+        return "\n\n".join(parts)
+
+
+ALPACA = AlpacaTemplate()
+
+
+def render_prompt(template: str, instruction: str, input: str = "", tokenizer=None) -> str:
+    """The prompt text a model trained with `template` expects at inference time."""
+    if template == "alpaca":
+        return ALPACA.prompt(instruction, input)
+    if template == "chat":
+        content = f"{instruction}\n\n{input}" if input else instruction
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    return f"{instruction}\n{input}".strip() + "\n"
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def load_rows(source: str, field_name: str = "data.train"):
+    """A `datasets.Dataset` of raw rows from a file, a saved dataset dir, or `hf:` id."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if source.startswith("hf:"):
+            name, _, split = source[3:].partition(":")
+            return datasets.load_dataset(name, split=split or "train")
+        if os.path.isdir(source):
+            ds = datasets.load_from_disk(source)
+            return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+        if not os.path.isfile(source):
+            raise DataError(field_name, f"{source!r} does not exist", "give a path to a JSONL/CSV/parquet file or hf:<id>")
+        if os.path.getsize(source) == 0:
+            raise DataError(field_name, f"{source!r} is empty", "point it at a file with at least one row")
+        ext = source.rsplit(".", 1)[-1].lower()
+        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
+        if builder is None:
+            raise DataError(field_name, f"unsupported file type .{ext}", "use .jsonl, .json, .csv or .parquet")
+        return datasets.load_dataset(builder, data_files=source, split="train")
+    except DataError:
+        raise
+    except Exception as exc:  # datasets raises many types for unreadable data
+        raise DataError(field_name, f"cannot read {source!r}: {type(exc).__name__}: {exc}".replace("\n", " ")) from exc
+
+
+# --------------------------------------------------------------------------- rows -> examples
+
+
+@dataclass
+class Example:
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows: shown to the user and recorded in metrics."""
+
+    rows: int = 0
+    bad: Counter = field(default_factory=Counter)
+    too_long_dropped: int = 0
+    truncated: int = 0
+    train_examples: int = 0
+    eval_examples: int = 0
+    train_sequences: int = 0
+    train_tokens: int = 0
+
+    @property
+    def bad_total(self) -> int:
+        return sum(self.bad.values())
+
+    def summary(self) -> str:
+        text = f"{self.rows} rows, {self.bad_total} bad"
+        if self.bad:
+            text += " (" + ", ".join(f"{n}x {why}" for why, n in self.bad.most_common(3)) + ")"
+        if self.too_long_dropped:
+            text += f", {self.too_long_dropped} longer than max_length dropped"
+        if self.truncated:
+            text += f", {self.truncated} truncated"
+        return text
+
+    def as_metrics(self) -> dict[str, float]:
+        return {
+            "data_rows": self.rows,
+            "data_bad_rows": self.bad_total,
+            "data_too_long_dropped": self.too_long_dropped,
+            "data_train_examples": self.train_examples,
+            "data_eval_examples": self.eval_examples,
+            "data_train_sequences": self.train_sequences,
+        }
+
+
+def _row_problem(row: dict, data_cfg) -> str | None:
+    f = data_cfg.fields
+    if data_cfg.template == "plain":
+        return _text_problem(row, f.text)
+    if data_cfg.template == "chat" and f.messages in row and row[f.messages] is not None:
+        msgs = row[f.messages]
+        if not isinstance(msgs, list) or not msgs:
+            return f"'{f.messages}' is not a non-empty list"
+        if not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "assistant" or not msgs[-1].get("content"):
+            return "last message is not a non-empty assistant turn"
+        return None
+    return _text_problem(row, f.instruction) or _text_problem(row, f.output)
+
+
+def _text_problem(row: dict, name: str) -> str | None:
+    if name not in row or row[name] is None:
+        return f"missing '{name}'"
+    if not isinstance(row[name], str):
+        return f"'{name}' is not text"
+    if not row[name].strip():
+        return f"empty '{name}'"
+    return None
+
+
+def _as_text(row: dict, data_cfg) -> dict:
+    """Numbers in text columns are text (CSV/parquet infer `4` as an int); missing input is ''."""
+    f = data_cfg.fields
+    for name in (f.instruction, f.input, f.output, f.text):
+        value = row.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:  # not NaN
+            row[name] = str(value)
+    if row.get(f.input) is None or row.get(f.input) != row.get(f.input):
+        row[f.input] = ""
+    return row
+
+
+def valid_rows(ds, data_cfg, report: DataReport, limit: int | None = None) -> list[dict]:
+    rows = []
+    for row in ds:
+        if limit is not None and report.rows >= limit:
+            break
+        report.rows += 1
+        row = _as_text(dict(row), data_cfg)
+        problem = _row_problem(row, data_cfg)
+        if problem:
+            report.bad[problem] += 1
+        else:
+            rows.append(row)
+    return rows
+
+
+def split_rows(rows: list[dict], eval_share: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministic held-out split, used when no `data.eval` source is given."""
+    if eval_share <= 0 or len(rows) < 2:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(len(rows) * eval_share)))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def tokenize_rows(rows: list[dict], tokenizer, data_cfg) -> list[Example]:
+    """Rows -> prompt/response ids. The response ends with EOS; the prompt starts with BOS."""
+    f = data_cfg.fields
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if data_cfg.template == "plain":
+        ids = tokenizer([r[f.text] for r in rows], add_special_tokens=True)["input_ids"]
+        return [Example([], list(x) + eos) for x in ids]
+    if data_cfg.template == "chat":
+        return [_chat_example(r, tokenizer, f) for r in rows]
+    prompts = [ALPACA.prompt(r[f.instruction], r.get(f.input) or "") for r in rows]
+    responses = [r[f.output] + ALPACA.end for r in rows]
+    p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    return [Example(list(p), list(r) + eos) for p, r in zip(p_ids, r_ids)]
+
+
+def _chat_example(row: dict, tokenizer, f) -> Example:
+    if row.get(f.messages):
+        msgs = list(row[f.messages])
+    else:
+        user = row[f.instruction] + (f"\n\n{row[f.input]}" if row.get(f.input) else "")
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": row[f.output]}]
+    prompt = list(_ids(tokenizer.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True)))
+    full = list(_ids(tokenizer.apply_chat_template(msgs, tokenize=True)))
+    if full[: len(prompt)] != prompt:  # template not prefix-stable: train on everything
+        return Example([], full)
+    return Example(prompt, full[len(prompt) :])
+
+
+def _ids(encoded) -> list[int]:
+    """apply_chat_template returns ids or a BatchEncoding depending on the version."""
+    return encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+
+
+# --------------------------------------------------------------------------- sequences
+
+
+def to_sequences(examples: list[Example], data_cfg, report: DataReport | None, seed: int) -> list[dict]:
+    """Examples -> training sequences (packed or one per example), with labels and positions."""
+    max_len = data_cfg.max_length
+    kept: list[tuple[list[int], list[int]]] = []
+    for ex in examples:
+        ids = ex.prompt_ids + ex.response_ids
+        labels = (list(ids) if data_cfg.train_on_prompt else [IGNORE] * len(ex.prompt_ids) + ex.response_ids)
+        if len(ids) > max_len:
+            if data_cfg.too_long == "drop":
+                if report is not None:
+                    report.too_long_dropped += 1
+                continue
+            ids, labels = ids[:max_len], labels[:max_len]
+            if all(l == IGNORE for l in labels):  # the cut removed the whole response
+                if report is not None:
+                    report.too_long_dropped += 1
+                continue
+            if report is not None:
+                report.truncated += 1
+        labels = list(labels)
+        labels[0] = IGNORE  # nothing precedes the first token inside its own segment
+        if all(l == IGNORE for l in labels):
+            continue
+        kept.append((ids, labels))
+    if not data_cfg.packing:
+        seqs = [{"input_ids": i, "labels": l} for i, l in kept]
+    else:
+        seqs = [_concat(group) for group in pack_ffd(kept, max_len)]
+    random.Random(seed).shuffle(seqs)
+    return seqs
+
+
+def pack_ffd(items: list[tuple[list[int], list[int]]], capacity: int) -> list[list[tuple]]:
+    """First-fit-decreasing bin packing of whole examples into bins of `capacity` tokens."""
+    order = sorted(items, key=lambda it: len(it[0]), reverse=True)
+    bins: list[list[tuple]] = []
+    # free space of each bin, kept sorted with the bin index for best-fit lookup
+    free: list[tuple[int, int]] = []
+    for item in order:
+        need = len(item[0])
+        pos = bisect.bisect_left(free, (need, -1))
+        if pos < len(free):
+            space, idx = free.pop(pos)
+            bins[idx].append(item)
+            bisect.insort(free, (space - need, idx))
+        else:
+            bins.append([item])
+            bisect.insort(free, (capacity - need, len(bins) - 1))
+    return bins
+
+
+def _concat(group: list[tuple[list[int], list[int]]]) -> dict:
+    ids, labels, pos = [], [], []
+    for i, l in group:
+        ids += i
+        labels += l
+        pos += list(range(len(i)))
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+class Collator:
+    """Pads a batch. Packed batches carry position ids and no attention mask (see module doc)."""
+
+    def __init__(self, pad_id: int, packed: bool):
+        self.pad_id, self.packed = pad_id, packed
+
+    def __call__(self, batch: list[dict]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(b["input_ids"]) for b in batch)
+        out = {"input_ids": [], "labels": []}
+        if self.packed:
+            out["position_ids"] = []
+        else:
+            out["attention_mask"] = []
+        for b in batch:
+            n = len(b["input_ids"])
+            pad = width - n
+            out["input_ids"].append(b["input_ids"] + [self.pad_id] * pad)
+            out["labels"].append(b["labels"] + [IGNORE] * pad)
+            if self.packed:
+                out["position_ids"].append(b["position_ids"] + list(range(pad)))
+            else:
+                out["attention_mask"].append([1] * n + [0] * pad)
+        tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+        # real (non-padding) tokens, for tokens/s and packing efficiency; popped before forward
+        tensors["num_tokens"] = torch.tensor(sum(len(b["input_ids"]) for b in batch))
+        return tensors
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def preflight(job) -> DataReport:
+    """Driver-side check before Ray starts: sources readable, rows usable, not empty."""
+    report = DataReport()
+    rows = valid_rows(load_rows(job.data.train, "data.train"), job.data, report, job.data.max_rows)
+    if not rows:
+        reasons = ", ".join(f"{n}x {why}" for why, n in report.bad.most_common(3)) or "no rows"
+        raise DataError(
+            "data.train",
+            f"{job.data.train!r} has no usable rows ({report.rows} read: {reasons})",
+            f"check data.template ({job.data.template}) and data.fields match the file's columns",
+        )
+    if job.data.eval:
+        eval_report = DataReport()
+        if not valid_rows(load_rows(job.data.eval, "data.eval"), job.data, eval_report):
+            raise DataError("data.eval", f"{job.data.eval!r} has no usable rows", "fix the file or remove data.eval")
+    return report
+
+
+@dataclass
+class Prepared:
+    train: list[dict]
+    eval: list[dict]
+    report: DataReport
+
+
+def prepare(job, tokenizer) -> Prepared:
+    """The full pipeline, run inside each worker (deterministic, so every rank agrees)."""
+    report = DataReport()
+    rows = valid_rows(load_rows(job.data.train, "data.train"), job.data, report, job.data.max_rows)
+    if job.data.eval:
+        eval_rows = valid_rows(load_rows(job.data.eval, "data.eval"), job.data, DataReport())
+    else:
+        rows, eval_rows = split_rows(rows, job.data.eval_split, job.train.seed)
+    train_ex = tokenize_rows(rows, tokenizer, job.data)
+    eval_ex = tokenize_rows(eval_rows, tokenizer, job.data) if eval_rows else []
+    train = to_sequences(train_ex, job.data, report, job.train.seed)
+    evals = to_sequences(eval_ex, job.data, None, job.train.seed)
+    report.train_examples, report.eval_examples = len(train_ex) - report.too_long_dropped, len(eval_ex)
+    report.train_sequences = len(train)
+    report.train_tokens = sum(len(s["input_ids"]) for s in train)
+    if not train:
+        raise DataError(
+            "data.max_length",
+            f"no training example fits in {job.data.max_length} tokens ({report.summary()})",
+            "raise data.max_length or set data.too_long: truncate",
+        )
+    return Prepared(train, evals, report)

@@ -1,0 +1,233 @@
+"""Base models and tokenizers: real `from_pretrained` loading, plus a tiny local builder.
+
+`load_model` / `load_tokenizer` take a local directory or a hub id (the hub works for users
+who have one; with HF_HUB_OFFLINE=1 only local paths and the local cache do).
+`build_tiny` makes a small Llama-style model and a BPE tokenizer trained with the
+`tokenizers` library on the project's synthetic tasks, so tests and the demo need no hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from raylib.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def resolve_dtype(name: str, device_type: str):
+    """`auto` -> bf16 on a GPU that supports it, fp32 otherwise."""
+    import torch
+
+    if name == "auto":
+        if device_type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, _DTYPES[name])
+
+
+def quantization_config(model_cfg, compute_dtype):
+    if not model_cfg.quantization:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_cfg.quantization,
+        bnb_4bit_use_double_quant=model_cfg.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_tokenizer(model_cfg):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        model_cfg.tokenizer or model_cfg.path,
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    if tok.pad_token_id is None:  # common for Llama-family tokenizers
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(model_cfg, device=None):
+    """The base causal LM. Quantized models are placed on `device` at load (bitsandbytes)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device or "cpu")
+    dtype = resolve_dtype(model_cfg.dtype, device.type)
+    kwargs = dict(
+        dtype=dtype,
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    quant = quantization_config(model_cfg, dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device}
+    return AutoModelForCausalLM.from_pretrained(model_cfg.path, **kwargs)
+
+
+def preflight(job) -> None:
+    """Driver-side: the model path must exist locally, or be a hub id when the hub is usable."""
+    path = job.model.path
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError("model.path", f"{path!r} has no config.json", "point it at a directory written by save_pretrained")
+        return
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ConfigError("model.path", f"{path!r} does not exist", "give a local model directory or a hub id like org/name")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(path, "config.json", revision=job.model.revision), str):
+            raise ConfigError(
+                "model.path",
+                f"{path!r} is not a local directory and HF_HUB_OFFLINE=1 with no cached copy",
+                "download the model first, or unset HF_HUB_OFFLINE",
+            )
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count their logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if getattr(p, "quant_state", None) is not None:  # bnb Params4bit pack 2 values per byte
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+# --------------------------------------------------------------------------- tiny model
+
+TINY_RECIPE = 1  # bump when the tokenizer corpus or pretraining recipe changes (invalidates caches)
+TINY_DEFAULTS = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
+
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+    "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer (digits split one per token) trained on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.chat_template = _CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny(
+    out_dir: str, seed: int = 0, pretrain_steps: int = 300, overwrite: bool = False, **config_overrides
+) -> str:
+    """Build and save a tiny Llama-style model + tokenizer to `out_dir` (no hub needed).
+
+    With `pretrain_steps`, the random model is then pretrained briefly (full fine-tuning
+    with raylib's own loop, in this process) on plain-text versions of the synthetic tasks,
+    so it is a weak but real language model: random weights leave the logit range too
+    narrow for adapters to show anything. Idempotent: an existing build with the same
+    settings is reused unless `overwrite`.
+    """
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raylib.synthetic import tokenizer_corpus
+
+    settings = {**TINY_DEFAULTS, **config_overrides, "seed": seed, "pretrain_steps": pretrain_steps, "recipe": TINY_RECIPE}
+    marker = os.path.join(out_dir, "raylib_tiny.json")
+    if not overwrite and os.path.isfile(marker):
+        with open(marker) as f:
+            if json.load(f) == settings:
+                return out_dir
+    tok = build_tokenizer(tokenizer_corpus(seed=seed), settings["vocab_size"])
+    arch = {k: v for k, v in settings.items() if k not in ("seed", "vocab_size", "pretrain_steps", "recipe")}
+    cfg = LlamaConfig(
+        **arch,
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    with tempfile.TemporaryDirectory(prefix="raylib-tiny-") as tmp:
+        random_dir = os.path.join(tmp, "random")
+        model.save_pretrained(random_dir, safe_serialization=True)
+        tok.save_pretrained(random_dir)
+        src = _pretrain(random_dir, tmp, pretrain_steps, seed) if pretrain_steps else random_dir
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        shutil.copytree(src, out_dir, ignore=shutil.ignore_patterns("expert.json", "README.md"))
+    with open(marker, "w") as f:
+        json.dump(settings, f)
+    log.info("built tiny model (%d params) at %s", sum(p.numel() for p in model.parameters()), out_dir)
+    return out_dir
+
+
+def _pretrain(model_dir: str, work_dir: str, steps: int, seed: int) -> str:
+    """Full fine-tuning on plain-text tasks with the raylib loop; returns the model dir."""
+    from raylib.config import validate_job
+    from raylib.synthetic import make_rows, write_jsonl
+    from raylib.train_loop import PlainSession, run
+
+    rows = [{"text": f"{r['instruction']} {r['input']} => {r['output']}".replace("  ", " ")}
+            for r in make_rows(4000, seed=seed + 777)]
+    corpus = write_jsonl(rows, os.path.join(work_dir, "corpus.jsonl"))
+    job = validate_job({
+        "model": {"path": model_dir},
+        "data": {"train": corpus, "template": "plain", "max_length": 256, "eval_split": 0},
+        "method": {"name": "full"},
+        "train": {"lr": 3e-3, "max_steps": steps, "batch_size": 16, "checkpoint_every": 0,
+                  "warmup_ratio": 0.05, "seed": seed},
+        "output": {"dir": os.path.join(work_dir, "pretrain")},
+    }, source="tiny pretraining")
+    session = PlainSession(os.path.join(work_dir, "ckpt"))
+    run(job, session)
+    return os.path.join(session.reports[-1]["checkpoint"], "expert")

@@ -1,0 +1,101 @@
+"""Small synthetic multi-domain task sets, generated locally (no dataset hub).
+
+Three domains a tiny model can learn in seconds, each with a checkable exact answer:
+
+- arithmetic: "What is 23 + 45?" -> "68"
+- strings:    "Reverse the word: lamp" -> "pmal", "Uppercase the word: lamp" -> "LAMP"
+- comparison: "Which is larger: 37 or 52?" -> "52"
+
+Rows use the instruction/input/output columns of the seeds' instruction template plus a
+`domain` column, so the same files serve SFT, classification (route by domain) and RL
+(reward = exact match against `output`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Callable, Iterable
+
+_WORDS = (
+    "lamp river stone cloud apple tiger bread chair glass light mouse paper piano plant "
+    "queen robot sugar table train water zebra ocean maple frost ember cedar delta"
+).split()
+
+
+def _arithmetic(rng: random.Random) -> dict:
+    a, b = rng.randint(0, 49), rng.randint(0, 49)
+    if rng.random() < 0.5:
+        return {"instruction": f"What is {a} + {b}?", "input": "", "output": str(a + b)}
+    a, b = max(a, b), min(a, b)
+    return {"instruction": f"What is {a} - {b}?", "input": "", "output": str(a - b)}
+
+
+def _strings(rng: random.Random) -> dict:
+    word = rng.choice(_WORDS)
+    if rng.random() < 0.5:
+        return {"instruction": "Reverse the word.", "input": word, "output": word[::-1]}
+    return {"instruction": "Uppercase the word.", "input": word, "output": word.upper()}
+
+
+def _comparison(rng: random.Random) -> dict:
+    a, b = rng.sample(range(0, 100), 2)
+    if rng.random() < 0.5:
+        return {"instruction": f"Which is larger: {a} or {b}?", "input": "", "output": str(max(a, b))}
+    return {"instruction": f"Which is smaller: {a} or {b}?", "input": "", "output": str(min(a, b))}
+
+
+DOMAINS: dict[str, Callable[[random.Random], dict]] = {
+    "arithmetic": _arithmetic,
+    "strings": _strings,
+    "comparison": _comparison,
+}
+
+
+def make_rows(n: int, domains: Iterable[str] | None = None, seed: int = 0) -> list[dict]:
+    """`n` rows drawn round-robin from `domains` (all by default), deterministic in `seed`."""
+    names = list(domains or DOMAINS)
+    unknown = [d for d in names if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"unknown synthetic domains {unknown}; choose from {sorted(DOMAINS)}")
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        domain = names[i % len(names)]
+        rows.append({**DOMAINS[domain](rng), "domain": domain})
+    rng.shuffle(rows)
+    return rows
+
+
+def write_jsonl(rows: Iterable[dict], path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_dataset(
+    out_dir: str, n_train: int = 2000, n_eval: int = 200, domains: Iterable[str] | None = None, seed: int = 0
+) -> dict[str, str]:
+    """Write train.jsonl and eval.jsonl (disjoint seeds) under `out_dir`; return their paths."""
+    domains = list(domains or DOMAINS)
+    return {
+        "train": write_jsonl(make_rows(n_train, domains, seed), os.path.join(out_dir, "train.jsonl")),
+        "eval": write_jsonl(make_rows(n_eval, domains, seed + 10_000), os.path.join(out_dir, "eval.jsonl")),
+    }
+
+
+def tokenizer_corpus(n: int = 3000, seed: int = 0) -> list[str]:
+    """Text to train the tiny tokenizer on: the tasks in the prompt templates raylib uses."""
+    from raylib.data import ALPACA  # the template text must be cheap to tokenize
+
+    texts = []
+    for row in make_rows(n, seed=seed):
+        texts.append(ALPACA.prompt(row["instruction"], row["input"]) + row["output"] + ALPACA.end)
+        texts.append(f"{row['instruction']} {row['input']} {row['output']}")
+    texts.extend(["Classify the request into one of: arithmetic, strings, comparison, other."] * 10)
+    return texts
