@@ -1,0 +1,67 @@
+"""Training checkpoints: a directory Ray Train persists, which is also a usable expert.
+
+Layout of one checkpoint:
+
+    expert/        the trained weights in the method's format + tokenizer + expert.json
+    train_state/   optimizer.pt, scheduler.pt, state.json (step, epoch, batch position)
+
+`state.json` is written last: a checkpoint directory without it is incomplete and is never
+resumed from. Ray Train copies the directory to storage and only registers it once the copy
+is complete, so a kill mid-write leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from raylib.experts import ExpertInfo, write_expert_json
+
+STATE_FILE = "state.json"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    tokens_seen: int = 0
+    eval_loss_before: float | None = None
+    history: list = field(default_factory=list)  # eval results: [{"step", "eval_loss", ...}]
+
+
+def save(ckpt_dir: str, *, method, model, tokenizer, optimizer, scheduler, state: TrainState, info: ExpertInfo) -> str:
+    import torch
+
+    expert_dir = os.path.join(ckpt_dir, "expert")
+    state_dir = os.path.join(ckpt_dir, "train_state")
+    os.makedirs(expert_dir, exist_ok=True)
+    os.makedirs(state_dir, exist_ok=True)
+    method.save(model, expert_dir)
+    tokenizer.save_pretrained(expert_dir)
+    write_expert_json(expert_dir, info)
+    torch.save(optimizer.state_dict(), os.path.join(state_dir, "optimizer.pt"))
+    torch.save(scheduler.state_dict(), os.path.join(state_dir, "scheduler.pt"))
+    tmp = os.path.join(state_dir, STATE_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(asdict(state), f)
+    os.replace(tmp, os.path.join(state_dir, STATE_FILE))
+    return ckpt_dir
+
+
+def is_complete(ckpt_dir: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_dir, "train_state", STATE_FILE))
+
+
+def restore(ckpt_dir: str, *, method, model, optimizer, scheduler) -> TrainState:
+    import torch
+
+    if not is_complete(ckpt_dir):
+        raise RuntimeError(f"checkpoint {ckpt_dir} is incomplete (no train_state/{STATE_FILE})")
+    method.load_into(model, os.path.join(ckpt_dir, "expert"))
+    state_dir = os.path.join(ckpt_dir, "train_state")
+    optimizer.load_state_dict(torch.load(os.path.join(state_dir, "optimizer.pt"), weights_only=False))
+    scheduler.load_state_dict(torch.load(os.path.join(state_dir, "scheduler.pt"), weights_only=False))
+    with open(os.path.join(state_dir, STATE_FILE)) as f:
+        return TrainState(**json.load(f))

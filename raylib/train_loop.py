@@ -1,0 +1,290 @@
+"""The per-worker training loop. Reads top to bottom:
+
+    load tokenizer + base model -> apply the method -> data -> optimizer/scheduler
+    -> (resume from the latest checkpoint) -> eval before -> train steps with periodic
+    eval and checkpoints -> final eval + final checkpoint (which holds the expert).
+
+`train_worker` is what Ray Train runs in every worker. `run` takes a `session` so the same
+loop also runs without Ray (`PlainSession`), which the overhead benchmark uses as baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from typing import Any
+
+from raylib import backends, checkpointing, models
+from raylib import data as data_mod
+from raylib.checkpointing import TrainState
+from raylib.experts import ExpertInfo
+from raylib.methods import get_method
+from raylib.objectives import sft
+
+log = logging.getLogger("raylib.train")
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+class RaySession:
+    """Ray Train's view of the run: rank, resume checkpoint, reports, progress events."""
+
+    def __init__(self, progress_sink=None):
+        import ray.train
+
+        self._train = ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self._sink = progress_sink
+
+    def latest_checkpoint_dir(self) -> str | None:
+        ckpt = self._train.get_checkpoint()
+        if ckpt is None:
+            return None
+        # local storage: the directory itself; remote storage: a local copy
+        return ckpt.path if os.path.isdir(ckpt.path) else ckpt.to_directory()
+
+    def report(self, metrics: dict, checkpoint_dir: str | None, name: str | None) -> None:
+        ckpt = self._train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        self._train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if ckpt else None)
+
+    def progress(self, event: dict) -> None:
+        if self._sink is not None and self.rank == 0:
+            self._sink.push.remote(event)  # fire and forget: never blocks a step
+
+
+class PlainSession:
+    """One process, no Ray: checkpoints go to `ckpt_root`, reports are kept in memory."""
+
+    rank, world = 0, 1
+
+    def __init__(self, ckpt_root: str | None = None, resume_from: str | None = None):
+        self.ckpt_root = ckpt_root or tempfile.mkdtemp(prefix="raylib-plain-")
+        self.resume_from = resume_from
+        self.reports: list[dict] = []
+        self.events: list[dict] = []
+
+    def latest_checkpoint_dir(self) -> str | None:
+        return self.resume_from
+
+    def report(self, metrics: dict, checkpoint_dir: str | None, name: str | None) -> None:
+        if checkpoint_dir:
+            import shutil
+
+            dest = os.path.join(self.ckpt_root, name or "checkpoint")
+            shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
+            metrics = {**metrics, "checkpoint": dest}
+        self.reports.append(metrics)
+
+    def progress(self, event: dict) -> None:
+        self.events.append(event)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point, run in every worker."""
+    from raylib.config import JobConfig
+
+    job = JobConfig.model_validate(config["job"])
+    run(job, RaySession(config.get("progress")), use_gpu=config.get("use_gpu", False))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import get_scheduler
+
+    device_type = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    if device_type == "cpu":  # tell DeepSpeed (imported by accelerate) instead of letting it warn
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _quiet_libraries()
+    torch.manual_seed(job.train.seed)
+    accelerator = backends.make_accelerator(job, device_type)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    # model + method
+    tokenizer = models.load_tokenizer(job.model)
+    model = models.load_model(job.model, accelerator.device)
+    model.config.use_cache = False
+    if job.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    method = get_method(job.method.name)
+    model = method.apply(model, job)
+    trainable, total = models.count_parameters(model)
+    if rank == 0:
+        log.info("%s: %s trainable of %s parameters (%.3f%%)", job.method.name, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    # data
+    prepared = data_mod.prepare(job, tokenizer)
+    collator = data_mod.Collator(tokenizer.pad_token_id, packed=job.data.packing)
+    loader = DataLoader(prepared.train, batch_size=job.train.batch_size, shuffle=True, collate_fn=collator)
+
+    # optimizer, distribution, schedule
+    optimizer = backends.build_optimizer(model, job.train)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = math.ceil(len(loader) / job.train.grad_accum)
+    total_steps = job.train.max_steps or steps_per_epoch * job.train.epochs
+    scheduler = get_scheduler(
+        job.train.lr_scheduler,
+        optimizer,
+        num_warmup_steps=int(job.train.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    unwrapped = accelerator.unwrap_model(model)
+
+    def evaluate() -> dict:
+        if not prepared.eval:
+            return {}
+        return sft.evaluate(
+            unwrapped, prepared.eval, collator, job.train.batch_size, rank, world, accelerator.device,
+            lambda t: accelerator.reduce(t, reduction="sum"),
+        )
+
+    # resume or start
+    resume_dir = session.latest_checkpoint_dir()
+    if resume_dir:
+        state = checkpointing.restore(resume_dir, method=method, model=unwrapped, optimizer=optimizer, scheduler=scheduler)
+        log.info("rank %d resumed from %s at step %d", rank, resume_dir, state.step)
+    else:
+        state = TrainState()
+        state.eval_loss_before = evaluate().get("eval_loss")
+    last_saved = state.step if resume_dir else -1
+    base_metrics = {
+        "trainable_params": trainable,
+        "total_params": total,
+        "total_steps": total_steps,
+        "world_size": world,
+        **prepared.report.as_metrics(),
+    }
+    session.progress({
+        "type": "start", "total_steps": total_steps, "step": state.step, "trainable_params": trainable,
+        "total_params": total, "eval_loss_before": state.eval_loss_before, "data": prepared.report.summary(),
+        "resumed_from": resume_dir,
+    })
+
+    checkpoint_every = job.train.checkpoint_every
+    eval_every = job.train.eval_every if job.train.eval_every is not None else checkpoint_every
+    window = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss*n, label tokens, tokens
+    step_times: list[float] = []
+    padded = real = 0
+    t_window = t_step = time.perf_counter()
+    model.train()
+
+    while state.step < total_steps:
+        loader.set_epoch(state.epoch)
+        batches = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
+        for batch in batches:
+            n_tokens = batch.pop("num_tokens")
+            n_labels = (batch["labels"] != -100).sum()
+            padded += batch["input_ids"].numel()
+            real += int(n_tokens)
+            with accelerator.accumulate(model):
+                loss = sft.loss(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and job.train.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            window += torch.stack([loss.detach().double() * n_labels, n_labels.double(), n_tokens.double()])
+            state.batches_in_epoch += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            scheduler.step()
+            state.step += 1
+            now = time.perf_counter()
+            step_times.append(now - t_step)
+            t_step = now
+
+            if state.step % job.train.log_every == 0 or state.step == total_steps:
+                sums = accelerator.reduce(window, reduction="sum")
+                elapsed = max(now - t_window, 1e-9)
+                state.tokens_seen += int(sums[2].item())
+                session.progress({
+                    "type": "step", "step": state.step, "total_steps": total_steps, "epoch": state.epoch,
+                    "loss": sums[0].item() / max(sums[1].item(), 1.0), "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": sums[2].item() / elapsed,
+                })
+                window.zero_()
+                t_window = time.perf_counter()
+
+            at_end = state.step >= total_steps
+            do_eval = at_end or (eval_every and state.step % eval_every == 0)
+            do_ckpt = at_end or (checkpoint_every and state.step % checkpoint_every == 0)
+            if do_eval or do_ckpt:
+                metrics = {**base_metrics, "step": state.step, "epoch": state.epoch, "tokens_seen": state.tokens_seen,
+                           "eval_loss_before": state.eval_loss_before, "packing_efficiency": real / max(padded, 1)}
+                if do_eval:
+                    metrics.update(evaluate())
+                    state.history.append({k: metrics.get(k) for k in ("step", "eval_loss", "eval_token_accuracy")})
+                    session.progress({"type": "eval", **metrics})
+                if at_end:
+                    metrics["step_time_p50"] = statistics.median(step_times[1:] or step_times)
+                if do_ckpt:
+                    _checkpoint(session, job, method, unwrapped, tokenizer, optimizer, scheduler, state, metrics, rank)
+                    last_saved = state.step
+                else:
+                    session.report(metrics, None, None)
+                t_step = time.perf_counter()  # eval/checkpoint time is not step time
+            if at_end:
+                break
+        else:  # the epoch ran out before total_steps
+            state.epoch += 1
+            state.batches_in_epoch = 0
+
+    if last_saved != state.step:  # resumed from the final checkpoint: nothing left to save
+        session.report({**base_metrics, "step": state.step}, None, None)
+    return {"step": state.step, "step_times": step_times, "packing_efficiency": real / max(padded, 1), "state": state}
+
+
+def _checkpoint(session, job, method, model, tokenizer, optimizer, scheduler, state, metrics, rank) -> None:
+    """Rank 0 writes the checkpoint (DDP replicas are identical); every rank reports."""
+    name = f"step_{state.step:07d}"
+    if rank != 0:
+        session.report(metrics, None, name)
+        return
+    info = ExpertInfo(
+        method=job.method.name,
+        base_model=job.model.path,
+        domain=job.output.domain,
+        template=job.data.template,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None},
+        config=job.to_dict(),
+        step=state.step,
+    )
+    with tempfile.TemporaryDirectory(prefix="raylib-ckpt-") as tmp:
+        checkpointing.save(tmp, method=method, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                           scheduler=scheduler, state=state, info=info)
+        session.report(metrics, tmp, name)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    ours = logging.getLogger("raylib")
+    if not ours.handlers:  # only our logger: the root logger carries Ray's INFO chatter
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    try:  # Ray Train logs every report at INFO under a logger named by its file path
+        from ray.train.v2._internal.execution import context as ray_context
+
+        logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
