@@ -1,0 +1,20 @@
+"""`ray job submit` entrypoint: run one job YAML on the cluster the job runs in.
+
+    ray job submit --working-dir . -- python jobs/finetune.py jobs/examples/lora.yaml \
+        [--set output.dir=/shared/runs/x] [--resume]
+
+Inside a Ray job, $RAY_ADDRESS points at the cluster, so the Ray Train workers are placed on
+its nodes. Use an absolute (shared) path or a URI for output.dir: the job's working_dir is a
+temporary copy that Ray deletes.
+"""
+
+import os
+import sys
+
+# the submitted working_dir's raylib wins over an installed one
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from raylib.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(["train", *sys.argv[1:]], prog_name="jobs/finetune.py")

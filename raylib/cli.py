@@ -1,0 +1,119 @@
+"""The `raylib` command line.
+
+Errors a user can fix (bad config, missing data) print one line and exit 2; a run that
+fails prints a one-paragraph summary and exits 1. Neither prints a traceback
+(set RAYLIB_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import click
+
+from raylib.errors import RaylibError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except RaylibError as exc:
+            if os.environ.get("RAYLIB_DEBUG"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="raylib")
+def main() -> None:
+    """Fine-tune, search and serve LLM experts on Ray, from one YAML job."""
+
+
+_set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a job field, e.g. --set train.lr=1e-4"
+)
+
+
+@main.command()
+@click.argument("job_yaml", type=click.Path(dir_okay=False))
+@_set_option
+@click.option("--local", is_flag=True, help="one worker on this machine (CPU, or one GPU when present)")
+@click.option("--resume", is_flag=True, help="continue the run in output.dir from its latest checkpoint")
+@click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+@click.option("--quiet", is_flag=True, help="no progress output")
+def train(job_yaml: str, overrides: tuple[str, ...], local: bool, resume: bool, address: str | None, quiet: bool) -> None:
+    """Run the fine-tuning job JOB_YAML on Ray Train workers."""
+    from raylib.config import load_job
+
+    job = load_job(job_yaml, list(overrides))
+    from raylib import launch
+
+    result = launch.train(job, address=address, local=local, resume=resume, show_progress=not quiet)
+    launch.print_summary(result)
+
+
+@main.command()
+@click.argument("job_yaml", type=click.Path(dir_okay=False))
+@_set_option
+def validate(job_yaml: str, overrides: tuple[str, ...]) -> None:
+    """Check JOB_YAML and its data without starting Ray."""
+    from raylib import launch
+    from raylib.config import load_job
+
+    job = launch.resolve_paths(load_job(job_yaml, list(overrides)))
+    report = launch.preflight(job, resume=launch.has_run(job.output.dir))
+    click.echo(f"ok: {job.method.name} on {job.model.path}; data: {report.summary()}")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False), default="models/tiny-llama")
+@click.option("--seed", default=0, show_default=True)
+def tiny(out_dir: str, seed: int) -> None:
+    """Build a tiny Llama-style model + tokenizer at OUT_DIR (no hub needed)."""
+    from raylib.models import build_tiny
+
+    click.echo(f"tiny model at {build_tiny(out_dir, seed=seed)}")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False), default="data/demo")
+@click.option("--train-rows", default=2000, show_default=True)
+@click.option("--eval-rows", default=200, show_default=True)
+@click.option("--domain", "domains", multiple=True, help="limit to these domains (default: all)")
+@click.option("--seed", default=0, show_default=True)
+def synth(out_dir: str, train_rows: int, eval_rows: int, domains: tuple[str, ...], seed: int) -> None:
+    """Write a synthetic multi-domain task set (train.jsonl, eval.jsonl) to OUT_DIR."""
+    from raylib.synthetic import write_dataset
+
+    paths = write_dataset(out_dir, train_rows, eval_rows, domains or None, seed)
+    click.echo(f"wrote {paths['train']} and {paths['eval']}")
+
+
+@main.command()
+@click.option("--job", "job_yaml", default="jobs/examples/lora.yaml", show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@_set_option
+def demo(job_yaml: str, workers: int, overrides: tuple[str, ...]) -> None:
+    """Build the tiny model and data, then run the example LoRA job on local Ray workers."""
+    from raylib import launch
+    from raylib.config import load_job
+    from raylib.models import build_tiny
+    from raylib.synthetic import write_dataset
+
+    click.echo("building the tiny model (models/tiny-llama) and synthetic data (data/demo) ...")
+    build_tiny("models/tiny-llama")
+    if not os.path.isfile("data/demo/train.jsonl"):
+        write_dataset("data/demo")
+    run_dir = os.path.join("runs", "demo", time.strftime("%Y%m%d-%H%M%S"))
+    job = load_job(job_yaml, [f"scaling.num_workers={workers}", f"output.dir={run_dir}", *overrides])
+    click.echo(f"running {job_yaml} with {workers} Ray Train workers -> {run_dir}")
+    result = launch.train(job)
+    launch.print_summary(result)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
