@@ -1,0 +1,117 @@
+"""Helpers shared by tests (not fixtures)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RAYLIB = os.path.join(os.path.dirname(sys.executable), "raylib")
+
+
+def job_dict(model: str, data: dict[str, str], out: str, **sections) -> dict:
+    """A small, fast job on the tiny model; `sections` override whole sections' keys."""
+    job = {
+        "model": {"path": model},
+        "data": {"train": data["train"], "eval": data["eval"], "max_length": 256},
+        "method": {"name": "lora", "r": 8},
+        "train": {"lr": 3e-3, "max_steps": 8, "batch_size": 4, "checkpoint_every": 4},
+        "output": {"dir": out},
+    }
+    for name, values in sections.items():
+        if name == "method" and "name" in values:  # another method: its own options only
+            job["method"] = dict(values)
+        else:
+            job.setdefault(name, {}).update(values)
+    return job
+
+
+def write_job(path, job: dict) -> str:
+    import yaml
+
+    with open(path, "w") as f:
+        yaml.safe_dump(job, f)
+    return str(path)
+
+
+def run_cli(*args, env: dict | None = None, timeout: int = 600, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """The installed `raylib` console script in a fresh process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([RAYLIB, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd)
+
+
+def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Python in a fresh process (e.g. to prove plain peft/transformers load an output)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayHead:
+    """A `ray start --head --block` cluster on 127.0.0.1 with its own free ports.
+
+    Stopping it terminates only this process tree: `ray stop` would also kill every other
+    Ray on the machine, including the test session's own.
+    """
+
+    def __init__(self, num_cpus: int = 2):
+        import time
+        import urllib.request
+
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        bin_dir = os.path.dirname(sys.executable)
+        # token auth on, as Ray 2.60 defaults to; clients read the token from ~/.ray/auth_token
+        self.env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+                    "RAY_AUTH_MODE": "token"}
+        if not os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+            subprocess.run([os.path.join(bin_dir, "ray"), "get-auth-token", "--generate"], env=self.env,
+                           check=True, capture_output=True)
+        self.env.pop("RAY_ADDRESS", None)
+        ports = {
+            "--port": self.port, "--dashboard-port": self.dashboard_port,
+            "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+            "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
+            "--node-manager-port": free_port(), "--object-manager-port": free_port(),
+            "--ray-client-server-port": free_port(),
+        }
+        cmd = [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+               "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--num-cpus={num_cpus}",
+               *[f"{k}={v}" for k, v in ports.items()]]
+        import tempfile
+        import urllib.error
+
+        self.log = tempfile.NamedTemporaryFile(prefix="ray-head-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited: {open(self.log.name).read()[-3000:]}")
+            try:
+                urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2)
+                return
+            except urllib.error.HTTPError:  # it answers (401 under Ray's token auth): it is up
+                return
+            except OSError:
+                time.sleep(1)
+        self.stop()
+        raise RuntimeError("the Ray head did not come up within 180 s")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)

@@ -1,0 +1,142 @@
+"""Data pipeline: templates, prompt masking, bad rows, and packing that keeps examples apart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from raylib import data
+from raylib.config import validate_job
+from raylib.errors import DataError
+from raylib.models import load_model, load_tokenizer
+
+
+def _job(tmp_path, train, **data_cfg):
+    return validate_job({
+        "model": {"path": "unused"},
+        "data": {"train": train, **data_cfg},
+        "method": {"name": "lora"},
+        "output": {"dir": str(tmp_path / "out")},
+    })
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    return load_tokenizer(validate_job({"model": {"path": tiny_model}, "data": {"train": "x"}, "method": {"name": "lora"}, "output": {"dir": "o"}}).model)
+
+
+def test_alpaca_template_matches_the_seed_format():
+    text = data.ALPACA.prompt("Reverse the word.", "lamp") + "pmal" + data.ALPACA.end
+    assert text == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nReverse the word.\n\n### Input:\nlamp\n\n### Output:\npmal\n\n### End"
+    )
+    assert "### Input" not in data.ALPACA.prompt("What is 1 + 1?")
+
+
+def test_prompt_is_masked_and_response_ends_with_eos(tok, tmp_path):
+    job = _job(tmp_path, "x", packing=False)
+    (ex,) = data.tokenize_rows([{"instruction": "What is 1 + 2?", "input": "", "output": "3"}], tok, job.data)
+    assert ex.prompt_ids[0] == tok.bos_token_id and ex.response_ids[-1] == tok.eos_token_id
+    (seq,) = data.to_sequences([ex], job.data, None, seed=0)
+    n_prompt = len(ex.prompt_ids)
+    assert all(l == data.IGNORE for l in seq["labels"][:n_prompt])
+    assert seq["labels"][n_prompt:] == ex.response_ids
+    job_all = _job(tmp_path, "x", packing=False, train_on_prompt=True)
+    (seq_all,) = data.to_sequences([ex], job_all.data, None, seed=0)
+    assert seq_all["labels"][1:] == (ex.prompt_ids + ex.response_ids)[1:]
+
+
+def test_bad_rows_are_counted_by_reason(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [{"instruction": "a", "output": "b"}, {"instruction": "a"}, {"instruction": "", "output": "b"},
+            {"instruction": "a", "output": ["b"]}, {"instruction": "What is 2 + 2?", "output": 4}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    report = data.preflight(_job(tmp_path, str(path)))
+    assert report.rows == 5 and report.bad_total == 3  # a numeric answer is text
+    assert report.bad == {"missing 'output'": 1, "empty 'instruction'": 1, "'output' is not text": 1}
+
+
+@pytest.mark.parametrize("content, message", [("", "is empty"), ('{"text": "hello"}\n', "no usable rows")])
+def test_empty_dataset_is_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        data.preflight(_job(tmp_path, str(path)))
+
+
+def test_csv_and_parquet_sources(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame([{"instruction": "What is 2 + 2?", "input": "", "output": "4"}] * 3)
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    frame.to_parquet(tmp_path / "d.parquet")
+    for name in ("d.csv", "d.parquet"):
+        assert data.preflight(_job(tmp_path, str(tmp_path / name))).rows == 3
+    with pytest.raises(DataError, match="unsupported file type .txt"):
+        (tmp_path / "d.txt").write_text("x")
+        data.preflight(_job(tmp_path, str(tmp_path / "d.txt")))
+
+
+def test_chat_template_masks_the_user_turn(tok, tmp_path):
+    job = _job(tmp_path, "x", template="chat", packing=False)
+    row = {"messages": [{"role": "user", "content": "Reverse the word. lamp"}, {"role": "assistant", "content": "pmal"}]}
+    (ex,) = data.tokenize_rows([row], tok, job.data)
+    assert tok.decode(ex.response_ids).strip().startswith("pmal") and ex.response_ids[-1] == tok.eos_token_id
+    assert "<|assistant|>" in tok.decode(ex.prompt_ids)
+
+
+def test_ffd_packing_respects_capacity_and_is_efficient():
+    items = [([1] * n, [1] * n) for n in [30, 45, 12, 60, 25, 8, 33, 50, 41, 19] * 20]
+    bins = data.pack_ffd(items, 128)
+    assert sorted(len(i[0]) for b in bins for i in b) == sorted(len(i[0]) for i in items)
+    assert all(sum(len(i[0]) for i in b) <= 128 for b in bins)
+    used = sum(len(i[0]) for i in items) / (len(bins) * 128)
+    assert used > 0.95
+
+
+def test_packed_examples_do_not_attend_to_each_other(tiny_model, tok, tmp_path):
+    job = _job(tmp_path, "x", packing=True)
+    rows = [{"instruction": "What is 1 + 2?", "input": "", "output": "3"},
+            {"instruction": "Reverse the word.", "input": "lamp", "output": "pmal"},
+            {"instruction": "Which is larger: 3 or 9?", "input": "", "output": "9"}]
+    examples = data.tokenize_rows(rows, tok, job.data)
+    (seq,) = data.to_sequences(examples, job.data, None, seed=0)
+    batch = data.Collator(tok.pad_token_id, packed=True)([seq])
+    model = load_model(_job(tmp_path, "x").model.model_copy(update={"path": tiny_model}))
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        offset = 0
+        for length in [len(s) for s in _segments(seq["position_ids"])]:
+            ids = torch.tensor([seq["input_ids"][offset: offset + length]])
+            alone = model(input_ids=ids, use_cache=False).logits[0]
+            torch.testing.assert_close(packed[offset: offset + length], alone, atol=1e-4, rtol=1e-4)
+            offset += length
+    assert offset == len(seq["input_ids"])
+    # the first token of every packed example is never a target (nothing precedes it)
+    starts = [i for i, p in enumerate(seq["position_ids"]) if p == 0]
+    assert len(starts) == 3 and all(seq["labels"][i] == data.IGNORE for i in starts)
+
+
+def _segments(position_ids):
+    seg = []
+    for p in position_ids:
+        if p == 0 and seg:
+            yield seg
+            seg = []
+        seg.append(p)
+    yield seg
+
+
+def test_too_long_examples_are_dropped_or_truncated(tok, tmp_path):
+    rows = [{"instruction": "Repeat.", "input": "", "output": "word " * 50},  # long response
+            {"instruction": "word " * 50, "input": "", "output": "x"},  # long prompt: truncation leaves no target
+            {"instruction": "What is 1 + 1?", "input": "", "output": "2"}]
+    for mode, kept, dropped in [("drop", 1, 2), ("truncate", 2, 1)]:
+        job = _job(tmp_path, "x", max_length=48, too_long=mode, packing=False)
+        report = data.DataReport()
+        seqs = data.to_sequences(data.tokenize_rows(rows, tok, job.data), job.data, report, seed=0)
+        assert len(seqs) == kept and all(len(s["input_ids"]) <= 48 for s in seqs)
+        assert report.too_long_dropped == dropped
