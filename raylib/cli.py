@@ -43,7 +43,7 @@ _set_option = click.option(
 @_set_option
 @click.option("--local", is_flag=True, help="one worker on this machine (CPU, or one GPU when present)")
 @click.option("--resume", is_flag=True, help="continue the run in output.dir from its latest checkpoint")
-@click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+@click.option("--address", default=None, help="Ray cluster to run on: ray://HOST:PORT, HOST:PORT or auto (default: $RAY_ADDRESS, else an embedded local Ray)")
 @click.option("--quiet", is_flag=True, help="no progress output")
 def train(job_yaml: str, overrides: tuple[str, ...], local: bool, resume: bool, address: str | None, quiet: bool) -> None:
     """Run the fine-tuning job JOB_YAML on Ray Train workers."""

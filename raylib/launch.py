@@ -98,17 +98,17 @@ def preflight(job: JobConfig, resume: bool = False) -> data_mod.DataReport:
 
 
 def connect(address: str | None = None) -> None:
-    """Join the cluster at `address` / $RAY_ADDRESS, or start an embedded local Ray."""
+    """Join the cluster at `address` / $RAY_ADDRESS, or start an embedded local Ray.
+
+    With neither, this always starts a fresh embedded Ray (`address="local"`), never a
+    cluster Ray happens to find on the machine; `--address auto` opts into that.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        ray.init(runtime_env=runtime_env)
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
 
 
 def _use_gpu(setting, num_workers: int) -> bool:

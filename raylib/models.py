@@ -171,6 +171,20 @@ def build_tiny(
     narrow for adapters to show anything. Idempotent: an existing build with the same
     settings is reused unless `overwrite`.
     """
+    from filelock import FileLock
+
+    settings = {**TINY_DEFAULTS, **config_overrides, "seed": seed, "pretrain_steps": pretrain_steps, "recipe": TINY_RECIPE}
+    marker = os.path.join(out_dir, "raylib_tiny.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    with FileLock(os.path.abspath(out_dir) + ".lock"):  # concurrent builders wait, then reuse
+        if not overwrite and os.path.isfile(marker):
+            with open(marker) as f:
+                if json.load(f) == settings:
+                    return out_dir
+        return _build_tiny(out_dir, settings, seed, pretrain_steps)
+
+
+def _build_tiny(out_dir: str, settings: dict, seed: int, pretrain_steps: int) -> str:
     import shutil
     import tempfile
 
@@ -179,12 +193,7 @@ def build_tiny(
 
     from raylib.synthetic import tokenizer_corpus
 
-    settings = {**TINY_DEFAULTS, **config_overrides, "seed": seed, "pretrain_steps": pretrain_steps, "recipe": TINY_RECIPE}
     marker = os.path.join(out_dir, "raylib_tiny.json")
-    if not overwrite and os.path.isfile(marker):
-        with open(marker) as f:
-            if json.load(f) == settings:
-                return out_dir
     tok = build_tokenizer(tokenizer_corpus(seed=seed), settings["vocab_size"])
     arch = {k: v for k, v in settings.items() if k not in ("seed", "vocab_size", "pretrain_steps", "recipe")}
     cfg = LlamaConfig(

@@ -227,7 +227,7 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
                     state.history.append({k: metrics.get(k) for k in ("step", "eval_loss", "eval_token_accuracy")})
                     session.progress({"type": "eval", **metrics})
                 if at_end:
-                    metrics["step_time_p50"] = statistics.median(step_times[1:] or step_times)
+                    metrics["step_time_p50"] = steady_step_time(step_times)
                 if do_ckpt:
                     _checkpoint(session, job, method, unwrapped, tokenizer, optimizer, scheduler, state, metrics, rank)
                     last_saved = state.step
@@ -243,6 +243,12 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     if last_saved != state.step:  # resumed from the final checkpoint: nothing left to save
         session.report({**base_metrics, "step": state.step}, None, None)
     return {"step": state.step, "step_times": step_times, "packing_efficiency": real / max(padded, 1), "state": state}
+
+
+def steady_step_time(step_times: list[float]) -> float:
+    """Median step time without the warm-up steps (allocator, first-call overheads)."""
+    steady = step_times[3:] if len(step_times) > 6 else step_times
+    return statistics.median(steady) if steady else 0.0
 
 
 def _checkpoint(session, job, method, model, tokenizer, optimizer, scheduler, state, metrics, rank) -> None:

@@ -115,3 +115,10 @@ class RayHead:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+        # `ray stop` would remove the pointer Ray leaves to "the" local cluster; do it for ours
+        pointer = "/tmp/ray/ray_current_cluster"
+        try:
+            if open(pointer).read().strip().endswith(f":{self.port}"):
+                os.remove(pointer)
+        except OSError:
+            pass

@@ -1,0 +1,33 @@
+# Set-up, demo and tests. Everything runs from the virtual environment in .venv/.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.raylib-installed
+# torch first and pinned: a looser spec would pull a multi-GB CUDA build on CPU machines
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/raylib demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python jobs/bench/train_overhead.py
+
+clean:
+	rm -rf $(VENV) models data runs .pytest_cache
