@@ -115,5 +115,8 @@ def demo(job_yaml: str, workers: int, overrides: tuple[str, ...]) -> None:
     launch.print_summary(result)
 
 
+from raylib.params_cli import params as _params  # noqa: E402  (issue 5: `raylib params`)
+main.add_command(_params)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
