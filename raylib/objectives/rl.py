@@ -313,4 +313,110 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
 
 
 def run_grpo(job, session, use_gpu: bool = False) -> dict[str, Any]:
-    raise NotImplementedError  # replaced below when implemented
+    """GRPO through TRL's `GRPOTrainer` inside the worker.
+
+    SVF: the model is passed with only z trainable (TRL builds its reference model from the
+    base path = z = 1). LoRA-family methods: the raw base model + `peft_config` (TRL then uses
+    the adapter-disabled model as reference). Checkpoints: a TrainerCallback writes raylib
+    checkpoints (expert/ + train_state/) every `train.checkpoint_every` steps and reports them
+    to the session. Resume loads the expert weights and optimizer state and runs the
+    remaining steps; the LR schedule restarts over those steps (exact with `constant`).
+    """
+    import tempfile
+
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from raylib import checkpointing, models
+    from raylib.checkpointing import TrainState
+    from raylib.evaluation import final_answer, prompts_for
+    from raylib.methods import get_method
+    from raylib.methods.peft_methods import PeftMethod
+    from raylib.objectives.rewards import resolve, score
+    from raylib.train_loop import _checkpoint, _quiet_libraries
+
+    obj = job.objective
+    _quiet_libraries()
+    torch.manual_seed(job.train.seed)
+    reward_fn = resolve(obj.reward)
+    tokenizer = models.load_tokenizer(job.model)
+    tokenizer.padding_side = "left"
+    method = get_method(job.method.name)
+    model = models.load_model(job.model, "cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    peft_config = None
+    if isinstance(method, PeftMethod):
+        peft_config = method.peft_config(job)
+    else:
+        model = method.apply(model, job)
+    rows = load_rows(job, "train")
+    columns = sorted({k for r in rows for k in r})
+    dataset = datasets.Dataset.from_list(
+        [{**{k: r.get(k) for k in columns}, "prompt": p} for r, p in zip(rows, prompts_for(rows, job.data.template, tokenizer))]
+    )
+
+    def reward(prompts, completions, **kwargs):
+        n = len(completions)
+        batch_rows = [{k: kwargs[k][i] for k in columns if k in kwargs} for i in range(n)]
+        return score(reward_fn, obj.reward, [final_answer(c) for c in completions], batch_rows)
+
+    reward.__name__ = obj.reward.replace(":", "_")
+    resume_dir = session.latest_checkpoint_dir()
+    state = TrainState()
+    if resume_dir:
+        with open(os.path.join(resume_dir, "train_state", checkpointing.STATE_FILE)) as f:
+            import json
+
+            state = TrainState(**json.load(f))
+    total_steps = job.train.max_steps or max(1, math.ceil(len(rows) / job.train.batch_size)) * job.train.epochs
+    remaining = total_steps - state.step
+    if remaining <= 0:
+        session.report({"step": state.step}, None, None)
+        return {"step": state.step, "state": state}
+
+    work = tempfile.mkdtemp(prefix="raylib-grpo-")
+    config = GRPOConfig(
+        output_dir=work, use_cpu=not use_gpu, per_device_train_batch_size=job.train.batch_size * obj.num_samples,
+        num_generations=obj.num_samples, max_completion_length=obj.max_new_tokens, temperature=obj.temperature,
+        beta=obj.kl_coef, learning_rate=job.train.lr, max_steps=remaining, lr_scheduler_type=job.train.lr_scheduler,
+        warmup_steps=int(job.train.warmup_ratio * remaining), max_grad_norm=job.train.max_grad_norm or 0.0,
+        gradient_accumulation_steps=job.train.grad_accum, save_strategy="no", logging_steps=1, report_to="none",
+        seed=job.train.seed, bf16=False, disable_tqdm=True, **obj.extra,
+    )
+    trainable, total = models.count_parameters(model)
+    base_metrics = {"trainable_params": trainable, "total_params": total, "total_steps": total_steps, "objective": "grpo"}
+    session.progress({"type": "start", "total_steps": total_steps, "step": state.step, "trainable_params": trainable,
+                      "total_params": total, "eval_loss_before": None, "data": f"{len(rows)} prompts",
+                      "resumed_from": resume_dir})
+
+    class Report(TrainerCallback):
+        def on_train_begin(self, args, st, control, model=None, optimizer=None, **kw):
+            if resume_dir and optimizer is not None:
+                opt = os.path.join(resume_dir, "train_state", "optimizer.pt")
+                optimizer.load_state_dict(torch.load(opt, weights_only=False))
+
+        def on_log(self, args, st, control, logs=None, model=None, optimizer=None, lr_scheduler=None, **kw):
+            # logging_steps=1: one log with the step's rewards per optimizer step (after on_step_end)
+            if not logs or "reward" not in logs:
+                return
+            step = state.step + st.global_step
+            session.progress({"type": "step", "step": step, "total_steps": total_steps, "epoch": 0,
+                              "reward": logs["reward"], "kl": logs.get("kl", 0.0), "loss": logs.get("loss", 0.0),
+                              "lr": logs.get("learning_rate", 0.0), "tokens_per_s": 0.0})
+            state.history.append({"step": step, "reward": logs["reward"]})
+            every = job.train.checkpoint_every
+            if step >= total_steps or (every and step % every == 0):
+                ckpt_state = TrainState(**{**state.__dict__, "step": step})
+                metrics = {**base_metrics, "step": step, "reward": logs["reward"], "kl": logs.get("kl")}
+                unwrapped = trainer.accelerator.unwrap_model(model)
+                rank = trainer.accelerator.process_index
+                _checkpoint(session, job, method, unwrapped, tokenizer, optimizer, lr_scheduler, ckpt_state, metrics, rank)
+
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=peft_config, callbacks=[Report()])
+    if resume_dir:
+        method.load_into(trainer.model, os.path.join(resume_dir, "expert"))
+    trainer.train()
+    state.step = total_steps
+    return {"step": state.step, "state": state}

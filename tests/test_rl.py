@@ -1,0 +1,108 @@
+"""RL objectives: reward functions (incl. sandboxed code tests), REINFORCE raising the mean
+reward, PPO resume exactness, GRPO through TRL, all on SVF z vectors, in one process."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from helpers import job_dict
+
+from raylib.config import validate_job
+from raylib.errors import ConfigError
+from raylib.methods import svf
+from raylib.objectives import rewards, rl
+from raylib.synthetic import write_dataset
+from raylib.train_loop import PlainSession
+
+
+def test_builtin_rewards():
+    row = {"output": "52"}
+    assert rewards.exact_match("52", row) == 1.0 and rewards.exact_match("52 or 37", row) == 0.0
+    assert rewards.exact_match("52\n\n### End", row) == 1.0
+    assert rewards.contains("the answer is 52.", row) == 1.0 and rewards.contains("5 2", row) == 0.0
+    assert rewards.numeric("=> 52.0 maybe", row) == 1.0 and rewards.numeric("53", row) == 0.0
+    assert rewards.numeric("no number", row) == 0.0
+    assert rewards.resolve("numeric") is rewards.numeric
+    assert rewards.resolve("raylib.objectives.rewards:contains") is rewards.contains
+    with pytest.raises(ConfigError, match="unknown reward"):
+        rewards.resolve("nope")
+    with pytest.raises(ConfigError, match="cannot import"):
+        rewards.resolve("no_such_module:fn")
+
+
+def test_code_reward_runs_tests_in_a_sandboxed_subprocess(tmp_path):
+    row = {"output": "", "tests": "assert add(2, 3) == 5"}
+    assert rewards.code_tests("def add(a, b):\n    return a + b", row) == 1.0
+    assert rewards.code_tests("```python\ndef add(a, b):\n    return a + b\n```", row) == 1.0
+    assert rewards.code_tests("def add(a, b):\n    return a - b", row) == 0.0
+    assert rewards.code_tests("def add(a, b):\n    while True: pass", {**row, "timeout": 2}) == 0.0
+    net = "import socket\nsocket.create_connection(('127.0.0.1', 9))\ndef add(a, b):\n    return a + b"
+    assert rewards.code_tests(net, row) == 0.0
+    ok, err = rewards.run_code_tests("import socket\nsocket.socket()", "")
+    assert not ok and "network access is disabled" in err
+    # the candidate runs elsewhere: it cannot touch this process
+    marker = tmp_path / "touched"
+    rewards.code_tests(f"import os\nos.environ['X_RAYLIB'] = '1'\nopen({str(marker)!r}, 'w')", {**row, "tests": "pass"})
+    assert "X_RAYLIB" not in os.environ
+
+
+def test_a_raising_reward_names_the_function():
+    with pytest.raises(rewards.RewardError, match="reward function 'tests.rl_rewards:explode' raised ValueError"):
+        rewards.score(rewards.resolve("tests.rl_rewards:explode"), "tests.rl_rewards:explode", ["1"], [{"output": "1"}])
+
+
+def _rl_job(tiny_model, tmp_path, name, **train):
+    data = write_dataset(str(tmp_path / "data"), 200, 32, ["comparison"])
+    return validate_job(job_dict(
+        tiny_model, data, str(tmp_path / "o"), method={"name": "svf", "targets": "all-linear", "cache_dir": str(tmp_path / "c")},
+        objective={"name": name, "reward": "tests.rl_rewards:is_number", "num_samples": 4, "max_new_tokens": 8,
+                   "kl_coef": 0.01, "eval_rows": 32},
+        train={"lr": 0.02, "batch_size": 8, "checkpoint_every": 0, "lr_scheduler": "constant", **train},
+    ))
+
+
+def test_reinforce_raises_the_mean_reward(tiny_model, tmp_path):
+    job = _rl_job(tiny_model, tmp_path, "reinforce", max_steps=8, eval_every=8)
+    session = PlainSession(str(tmp_path / "ck"))
+    out = rl.run(job, session)
+    history = out["state"].history
+    before, after = history[0]["eval_reward"], history[-1]["eval_reward"]
+    step_rewards = [e["reward"] for e in session.events if e["type"] == "step"]
+    print("eval reward", before, "->", after, "train rewards", step_rewards)
+    assert after > before + 0.2
+    assert sum(step_rewards[-3:]) / 3 > step_rewards[0]
+    final = session.reports[-1]
+    assert final["eval_reward"] == after and final["trainable_params"] == 768
+    # the KL is measured against z = 1 and is positive once z moved
+    assert final["kl"] > 0
+
+
+def test_ppo_resume_matches_an_uninterrupted_run(tiny_model, tmp_path):
+    job = _rl_job(tiny_model, tmp_path, "ppo", max_steps=4, checkpoint_every=2, eval_every=0)
+    full = PlainSession(str(tmp_path / "full"))
+    rl.run(job, full)
+    assert [r["step"] for r in full.reports] == [2, 4]
+    resumed = PlainSession(str(tmp_path / "resumed"), resume_from=full.reports[0]["checkpoint"])
+    rl.run(job, resumed)
+    assert [e["step"] for e in resumed.events if e["type"] == "step"] == [3, 4]
+    a = svf.load_z(os.path.join(full.reports[-1]["checkpoint"], "expert"))
+    b = svf.load_z(os.path.join(resumed.reports[-1]["checkpoint"], "expert"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert any((v - 1).abs().max() > 1e-4 for v in a.values())
+
+
+def test_grpo_through_trl_trains_svf_z_and_checkpoints(tiny_model, tmp_path):
+    job = _rl_job(tiny_model, tmp_path, "grpo", max_steps=2, checkpoint_every=1)
+    session = PlainSession(str(tmp_path / "ck"))
+    rl.run(job, session)
+    assert [r["step"] for r in session.reports] == [1, 2]
+    assert all(r["reward"] is not None for r in session.reports)
+    z = svf.load_z(os.path.join(session.reports[-1]["checkpoint"], "expert"))
+    assert any((v - 1).abs().max() > 1e-5 for v in z.values())
+    # resume from step 1 runs only the remaining step
+    resumed = PlainSession(str(tmp_path / "resumed"), resume_from=session.reports[0]["checkpoint"])
+    rl.run(job, resumed)
+    assert [r["step"] for r in resumed.reports] == [2]
