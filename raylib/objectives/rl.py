@@ -80,7 +80,11 @@ class GRPOOptions(_RLOptions):
 def load_rows(job, which: str) -> list[dict]:
     """Valid rows of data.train / data.eval (or the held-out split when data.eval is unset)."""
     from raylib import data as data_mod
+    from raylib.errors import ConfigError
 
+    if job.data.template == "plain":
+        raise ConfigError("data.template", f"{job.objective.name} needs prompts with a reference answer, "
+                          "not plain text", "use template alpaca or chat with instruction/input/output columns")
     rows = data_mod.valid_rows(data_mod.load_rows(job.data.train, "data.train"), job.data, data_mod.DataReport(),
                                job.data.max_rows)
     if job.data.eval:
