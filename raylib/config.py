@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from raylib.errors import ConfigError
 from raylib.methods import METHODS
-from raylib.objectives import ObjectiveOptions, SFTOptions
+from raylib.objectives import OBJECTIVE_OPTIONS, ObjectiveOptions, SFTOptions
 
 
 class _Strict(BaseModel):
@@ -177,7 +177,10 @@ def validate_job(raw: dict[str, Any], source: str = "job") -> JobConfig:
 
 # --------------------------------------------------------------------------- error text
 
-_SECTIONS_WITH_TAGS = {"method": {m.name: m.Options for m in METHODS.values()}}
+_SECTIONS_WITH_TAGS = {
+    "method": {m.name: m.Options for m in METHODS.values()},
+    "objective": {get_args(o.model_fields["name"].annotation)[0]: o for o in OBJECTIVE_OPTIONS},
+}
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -161,7 +161,8 @@ def build_tokenizer(texts: list[str], vocab_size: int):
 
 
 def build_tiny(
-    out_dir: str, seed: int = 0, pretrain_steps: int = 300, overwrite: bool = False, **config_overrides
+    out_dir: str, seed: int = 0, pretrain_steps: int = 300, overwrite: bool = False, instruct: bool = False,
+    **config_overrides
 ) -> str:
     """Build and save a tiny Llama-style model + tokenizer to `out_dir` (no hub needed).
 
@@ -174,6 +175,8 @@ def build_tiny(
     from filelock import FileLock
 
     settings = {**TINY_DEFAULTS, **config_overrides, "seed": seed, "pretrain_steps": pretrain_steps, "recipe": TINY_RECIPE}
+    if instruct:  # only then in the marker, so existing default builds stay valid
+        settings["instruct"] = True
     marker = os.path.join(out_dir, "raylib_tiny.json")
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     with FileLock(os.path.abspath(out_dir) + ".lock"):  # concurrent builders wait, then reuse
@@ -195,7 +198,7 @@ def _build_tiny(out_dir: str, settings: dict, seed: int, pretrain_steps: int) ->
 
     marker = os.path.join(out_dir, "raylib_tiny.json")
     tok = build_tokenizer(tokenizer_corpus(seed=seed), settings["vocab_size"])
-    arch = {k: v for k, v in settings.items() if k not in ("seed", "vocab_size", "pretrain_steps", "recipe")}
+    arch = {k: v for k, v in settings.items() if k not in ("seed", "vocab_size", "pretrain_steps", "recipe", "instruct")}
     cfg = LlamaConfig(
         **arch,
         vocab_size=len(tok),
@@ -210,7 +213,7 @@ def _build_tiny(out_dir: str, settings: dict, seed: int, pretrain_steps: int) ->
         random_dir = os.path.join(tmp, "random")
         model.save_pretrained(random_dir, safe_serialization=True)
         tok.save_pretrained(random_dir)
-        src = _pretrain(random_dir, tmp, pretrain_steps, seed) if pretrain_steps else random_dir
+        src = _pretrain(random_dir, tmp, pretrain_steps, seed, settings.get("instruct", False)) if pretrain_steps else random_dir
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
         shutil.copytree(src, out_dir, ignore=shutil.ignore_patterns("expert.json", "README.md"))
@@ -220,14 +223,24 @@ def _build_tiny(out_dir: str, settings: dict, seed: int, pretrain_steps: int) ->
     return out_dir
 
 
-def _pretrain(model_dir: str, work_dir: str, steps: int, seed: int) -> str:
+def _pretrain(model_dir: str, work_dir: str, steps: int, seed: int, instruct: bool = False) -> str:
     """Full fine-tuning on plain-text tasks with the raylib loop; returns the model dir."""
     from raylib.config import validate_job
     from raylib.synthetic import make_rows, write_jsonl
     from raylib.train_loop import PlainSession, run
 
-    rows = [{"text": f"{r['instruction']} {r['input']} => {r['output']}".replace("  ", " ")}
-            for r in make_rows(4000, seed=seed + 777)]
+    from raylib.data import ALPACA
+
+    # instruct=True: part of the rows in the instruction template the jobs use, so the base
+    # follows the format with a modest skill per domain (room for domain experts to improve);
+    # strings (memorisable: 26 words) get the template rarely, or the base would ace them
+    def text(i: int, r: dict) -> str:
+        templated = instruct and i % (6 if r["domain"] == "strings" else 2) == 0
+        if templated:
+            return ALPACA.prompt(r["instruction"], r["input"]) + r["output"] + ALPACA.end
+        return f"{r['instruction']} {r['input']} => {r['output']}".replace("  ", " ")
+
+    rows = [{"text": text(i, r)} for i, r in enumerate(make_rows(4000, seed=seed + 777))]
     corpus = write_jsonl(rows, os.path.join(work_dir, "corpus.jsonl"))
     job = validate_job({
         "model": {"path": model_dir},

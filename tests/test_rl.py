@@ -106,3 +106,14 @@ def test_grpo_through_trl_trains_svf_z_and_checkpoints(tiny_model, tmp_path):
     resumed = PlainSession(str(tmp_path / "resumed"), resume_from=session.reports[0]["checkpoint"])
     rl.run(job, resumed)
     assert [r["step"] for r in resumed.reports] == [2]
+
+
+def test_objective_config_errors_name_the_field():
+    base = {"model": {"path": "x"}, "data": {"train": "x"}, "method": {"name": "svf"}, "output": {"dir": "o"}}
+    assert validate_job(base).objective.name == "sft"
+    cases = [({"name": "reinforce", "rewrd": "x"}, "objective.rewrd: unknown field (did you mean 'reward'?)"),
+             ({"name": "reinfroce"}, "did you mean 'reinforce'?"),
+             ({"name": "ppo", "clip": 2}, "objective.clip")]
+    for objective, message in cases:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+            validate_job({**base, "objective": objective})

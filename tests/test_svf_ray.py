@@ -15,6 +15,7 @@ from raylib.methods import svf
 from raylib.synthetic import write_dataset
 
 
+@pytest.mark.slow
 def test_two_worker_svf_sft_job_decomposes_once(ray_session, tiny_model, demo_data, tmp_path):
     out, cache = str(tmp_path / "run"), str(tmp_path / "cache")
     job = validate_job(job_dict(tiny_model, demo_data, out, scaling={"num_workers": 2},
