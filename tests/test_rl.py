@@ -117,3 +117,20 @@ def test_objective_config_errors_name_the_field():
     for objective, message in cases:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
             validate_job({**base, "objective": objective})
+
+
+@pytest.mark.parametrize("name", ["reinforce", "grpo"])
+def test_rl_objectives_train_lora_adapters(tiny_model, tmp_path, name):
+    """LoRA: the KL reference is the adapter-disabled model (ours) / TRL's own for GRPO."""
+    data = write_dataset(str(tmp_path / "data"), 100, 16, ["comparison"])
+    job = validate_job(job_dict(
+        tiny_model, data, str(tmp_path / "o"), method={"name": "lora", "r": 4, "dropout": 0.0},
+        objective={"name": name, "reward": "tests.rl_rewards:is_number", "num_samples": 2, "max_new_tokens": 6,
+                   "eval_rows": 8},
+        train={"lr": 1e-3, "batch_size": 4, "max_steps": 2, "checkpoint_every": 0, "lr_scheduler": "constant"},
+    ))
+    session = PlainSession(str(tmp_path / "ck"))
+    rl.run(job, session)
+    final = session.reports[-1]
+    assert final["step"] == 2 and 0 < final["trainable_params"] < final["total_params"]
+    assert os.path.isfile(os.path.join(final["checkpoint"], "expert", "adapter_model.safetensors"))

@@ -388,11 +388,7 @@ def run_grpo(job, session, use_gpu: bool = False) -> dict[str, Any]:
         gradient_accumulation_steps=job.train.grad_accum, save_strategy="no", logging_steps=1, report_to="none",
         seed=job.train.seed, bf16=False, disable_tqdm=True, **obj.extra,
     )
-    trainable, total = models.count_parameters(model)
-    base_metrics = {"trainable_params": trainable, "total_params": total, "total_steps": total_steps, "objective": "grpo"}
-    session.progress({"type": "start", "total_steps": total_steps, "step": state.step, "trainable_params": trainable,
-                      "total_params": total, "eval_loss_before": None, "data": f"{len(rows)} prompts",
-                      "resumed_from": resume_dir})
+    base_metrics = {"total_steps": total_steps, "objective": "grpo"}
 
     class Report(TrainerCallback):
         def on_train_begin(self, args, st, control, model=None, optimizer=None, **kw):
@@ -419,6 +415,11 @@ def run_grpo(job, session, use_gpu: bool = False) -> dict[str, Any]:
 
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config, callbacks=[Report()])
+    trainable, total = models.count_parameters(trainer.model)  # after TRL applied a peft_config
+    base_metrics.update(trainable_params=trainable, total_params=total)
+    session.progress({"type": "start", "total_steps": total_steps, "step": state.step, "trainable_params": trainable,
+                      "total_params": total, "eval_loss_before": None, "data": f"{len(rows)} prompts",
+                      "resumed_from": resume_dir})
     if resume_dir:
         method.load_into(trainer.model, os.path.join(resume_dir, "expert"))
     trainer.train()
