@@ -115,5 +115,14 @@ def demo(job_yaml: str, workers: int, overrides: tuple[str, ...]) -> None:
     launch.print_summary(result)
 
 
+def _register_commands() -> None:
+    from raylib.search.commands import tune
+
+    main.add_command(tune)
+
+
+_register_commands()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
