@@ -116,9 +116,10 @@ def demo(job_yaml: str, workers: int, overrides: tuple[str, ...]) -> None:
 
 
 def _register_commands() -> None:
-    from raylib.search.commands import tune
+    from raylib.search.commands import cem, tune
 
     main.add_command(tune)
+    main.add_command(cem)
 
 
 _register_commands()

@@ -197,6 +197,8 @@ def _collect(grid, out: str, metric: str, mode: str) -> SearchResult:
         trial_dir = os.path.join(out, "trials", trial_id)
         last = r.metrics or {}
         finished = is_expert(trial_dir)
+        if finished:  # the run's own final metrics: Tune may not have persisted the last report
+            last = {**last, **_run_metrics(trial_dir)}  # (driver killed after the trial ended)
         status = "FAILED" if r.error else ("FINISHED" if finished else "STOPPED")
         row = {
             "trial_id": trial_id,
@@ -210,11 +212,22 @@ def _collect(grid, out: str, metric: str, mode: str) -> SearchResult:
         if r.error:
             failed.append({"trial_id": trial_id, "error": _first_line(r.error), "log_dir": r.path})
         row["_history"] = _history(r, metric)
+        if finished and row["step"] is not None and row[metric] is not None and (
+                not row["_history"] or row["_history"][-1][0] < row["step"]):
+            row["_history"].append((int(row["step"]), float(row[metric])))
     finished_rows = [r for r in rows if r["status"] == "FINISHED" and r.get(metric) is not None]
     pick = min if mode == "min" else max
     best = pick(finished_rows, key=lambda r: r[metric]) if finished_rows else None
     stopped = sum(1 for r in rows if r["status"] == "STOPPED")
     return SearchResult(search_dir=out, rows=rows, best=best, failed=failed, early_stopped=stopped)
+
+
+def _run_metrics(trial_dir: str) -> dict:
+    try:
+        with open(os.path.join(trial_dir, "run.json")) as f:
+            return json.load(f).get("metrics", {})
+    except (OSError, ValueError):
+        return {}
 
 
 def _trial_id(result) -> str:
