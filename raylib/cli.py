@@ -116,10 +116,12 @@ def demo(job_yaml: str, workers: int, overrides: tuple[str, ...]) -> None:
 
 
 def _register_commands() -> None:
+    """Commands that live with their feature's package."""
+    from raylib.params_cli import params
     from raylib.search.commands import cem, tune
 
-    main.add_command(tune)
-    main.add_command(cem)
+    for command in (tune, cem, params):
+        main.add_command(command)
 
 
 _register_commands()

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from raylib.errors import ConfigError
 from raylib.methods import METHODS
-from raylib.objectives import ObjectiveOptions
+from raylib.objectives import ObjectiveOptions, SFTOptions
 
 
 class _Strict(BaseModel):
@@ -105,7 +105,7 @@ class JobConfig(_Strict):
     model: ModelConfig
     data: DataConfig
     method: MethodConfig
-    objective: ObjectiveOptions = Field(default_factory=lambda: ObjectiveOptions())
+    objective: ObjectiveOptions = Field(default_factory=SFTOptions)
     backend: BackendConfig = Field(default_factory=BackendConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

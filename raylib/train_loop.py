@@ -91,6 +91,10 @@ def train_worker(config: dict[str, Any]) -> None:
     from raylib.config import JobConfig
 
     job = JobConfig.model_validate(config["job"])
+    if job.objective.name in ("reinforce", "ppo", "grpo"):  # issue 5: RL objectives have their own loop
+        from raylib.objectives import rl
+
+        return rl.run(job, RaySession(config.get("progress")), use_gpu=config.get("use_gpu", False))
     run(job, RaySession(config.get("progress")), use_gpu=config.get("use_gpu", False))
 
 

@@ -66,6 +66,9 @@ def _registry() -> dict[str, Method]:
     from raylib.methods.peft_methods import LoRA, QLoRA
 
     methods = [FullFineTuning(), LoRA(), QLoRA()]
+    from raylib.methods.svf import SVF
+
+    methods.append(SVF())
     return {m.name: m for m in methods}
 
 

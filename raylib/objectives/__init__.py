@@ -6,9 +6,9 @@ objective (next-token loss on the response) is the default.
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class SFTOptions(BaseModel):
@@ -18,5 +18,14 @@ class SFTOptions(BaseModel):
     name: Literal["sft"] = "sft"
 
 
+def _rl_options() -> list:
+    from raylib.objectives.rl import GRPOOptions, PPOOptions, ReinforceOptions
+
+    return [ReinforceOptions, PPOOptions, GRPOOptions]
+
+
 OBJECTIVE_OPTIONS = [SFTOptions]
-ObjectiveOptions = Union[tuple(OBJECTIVE_OPTIONS)] if len(OBJECTIVE_OPTIONS) > 1 else SFTOptions
+OBJECTIVE_OPTIONS += _rl_options()  # issue 5: reinforce, ppo, grpo (raylib/objectives/rl.py)
+ObjectiveOptions = (
+    Annotated[Union[tuple(OBJECTIVE_OPTIONS)], Field(discriminator="name")] if len(OBJECTIVE_OPTIONS) > 1 else SFTOptions
+)

@@ -1,0 +1,316 @@
+"""RL objectives: `reinforce`, `ppo` (our loops) and `grpo` (TRL's GRPOTrainer).
+
+All three run inside Ray Train workers (`train_loop.train_worker` dispatches here on
+`objective.name`) and write the same checkpoints as SFT (`raylib.checkpointing`: expert/ +
+train_state/), so `--resume` and Ray's automatic restore work the same way.
+
+Data: the rows of `data.train` (instruction/input/output, the `alpaca` or `chat` template)
+are prompts; `output` is the reference the reward function sees (with the whole row).
+
+reinforce / ppo (one loop, shared rollout and reward code), per optimizer step and worker:
+  1. take `train.batch_size` prompts (a deterministic function of the step, so resume is
+     exact), sample `num_samples` completions each (temperature, max_new_tokens);
+  2. score them with the reward function;
+  3. advantages: reward minus the mean reward of the prompt's own group of samples
+     (with `num_samples: 1`, minus the batch mean) — a group/mean baseline, no value head;
+     `normalize: true` also divides by the group's std (GRPO-style);
+  4. KL to the frozen base model: per-token k3 estimator exp(b−p)−(b−p)−1 on the sampled
+     tokens, with log-probs b from the base = the same network with z = 1 for SVF, PEFT
+     adapters disabled for LoRA-family methods, a frozen copy for full fine-tuning;
+  5. reinforce: loss = −mean_seq(A·Σ_t log π(y_t)) / mean completion length + kl_coef·KL;
+     ppo: log-probs of the sampling policy are kept, then `ppo_epochs` passes of the
+     clipped objective −mean_t min(ρ_t·A, clip(ρ_t, 1−ε, 1+ε)·A) + kl_coef·KL.
+Evaluation: mean reward of greedy answers on `data.eval` (`eval_rows` of them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import random
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+log = logging.getLogger("raylib.rl")
+
+RL_OBJECTIVES = ("reinforce", "ppo", "grpo")
+
+
+class _RLOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reward: str = Field("exact_match", description="exact_match | contains | numeric | code_tests | module:function")
+    kl_coef: float = Field(0.05, ge=0, description="weight of the KL penalty to the base model")
+    num_samples: PositiveInt = Field(4, description="completions sampled per prompt (the group)")
+    max_new_tokens: PositiveInt = 16
+    temperature: float = Field(1.0, gt=0)
+    eval_rows: PositiveInt = Field(64, description="rows of the eval set scored (greedy) at each eval")
+
+
+class ReinforceOptions(_RLOptions):
+    """REINFORCE with a group-mean baseline and a KL penalty to the base model."""
+
+    name: Literal["reinforce"]
+    normalize: bool = False
+
+
+class PPOOptions(_RLOptions):
+    """PPO-clip (our loop; TRL 1.x has no PPOTrainer), group-mean advantages, no value head."""
+
+    name: Literal["ppo"]
+    clip: float = Field(0.2, gt=0, lt=1)
+    ppo_epochs: PositiveInt = 2
+    normalize: bool = True
+
+
+class GRPOOptions(_RLOptions):
+    """TRL's GRPOTrainer; `extra` goes straight into trl.GRPOConfig."""
+
+    name: Literal["grpo"]
+    extra: dict[str, Any] = Field(default_factory=dict, description="passed to trl.GRPOConfig")
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def load_rows(job, which: str) -> list[dict]:
+    """Valid rows of data.train / data.eval (or the held-out split when data.eval is unset)."""
+    from raylib import data as data_mod
+
+    rows = data_mod.valid_rows(data_mod.load_rows(job.data.train, "data.train"), job.data, data_mod.DataReport(),
+                               job.data.max_rows)
+    if job.data.eval:
+        eval_rows = data_mod.valid_rows(data_mod.load_rows(job.data.eval, "data.eval"), job.data, data_mod.DataReport())
+    else:
+        rows, eval_rows = data_mod.split_rows(rows, job.data.eval_split, job.train.seed)
+    f = job.data.fields
+    norm = [{**r, "instruction": r[f.instruction], "input": r.get(f.input) or "", "output": r[f.output]}
+            for r in (rows if which == "train" else eval_rows)]
+    return norm
+
+
+@contextlib.contextmanager
+def reference(model, frozen_copy=None):
+    """The frozen base policy for the KL term: z = 1 (SVF), adapters off (PEFT), or a copy."""
+    from raylib.methods import svf
+
+    if svf.svf_modules(model):
+        with svf.base_mode(model):
+            yield model
+    elif hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield frozen_copy
+
+
+def pad_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int, device):
+    """(prompt ids, completion ids) -> input_ids, attention_mask, target mask (completion
+    tokens, shifted for next-token log-probs)."""
+    import torch
+
+    width = max(len(p) + len(c) for p, c in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(pairs), width), dtype=torch.long)
+    target = torch.zeros((len(pairs), width - 1), dtype=torch.bool)
+    for i, (p, c) in enumerate(pairs):
+        seq = p + c
+        ids[i, : len(seq)] = torch.tensor(seq)
+        attn[i, : len(seq)] = 1
+        target[i, len(p) - 1 : len(seq) - 1] = True
+    return ids.to(device), attn.to(device), target.to(device)
+
+
+def token_logps(model, ids, attn):
+    """log π(token_t | tokens_<t) for t = 1..T-1, shape [B, T-1]."""
+    import torch
+
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def advantages(rewards, group: int, normalize: bool):
+    import torch
+
+    r = torch.tensor(rewards, dtype=torch.float32)
+    if group > 1:
+        g = r.view(-1, group)
+        adv = g - g.mean(1, keepdim=True)
+        if normalize:
+            adv = adv / (g.std(1, keepdim=True) + 1e-4)
+        return adv.reshape(-1)
+    adv = r - r.mean()
+    return adv / (r.std() + 1e-4) if normalize and len(r) > 1 else adv
+
+
+def rollout(model, tokenizer, rows, job, rank_seed: int):
+    """Sample completions; returns (texts, pairs, rows repeated per sample)."""
+    import torch
+
+    from raylib.evaluation import generate, prompts_for
+
+    obj = job.objective
+    torch.manual_seed(rank_seed)
+    texts, pairs = generate(model, tokenizer, prompts_for(rows, job.data.template, tokenizer), obj.max_new_tokens,
+                            batch_size=len(rows), do_sample=True, temperature=obj.temperature,
+                            num_return_sequences=obj.num_samples, return_ids=True)
+    return texts, pairs, [r for r in rows for _ in range(obj.num_samples)]
+
+
+def eval_reward(model, tokenizer, rows, job, reward_fn, rank, world, device, reduce_sum) -> dict:
+    import torch
+
+    from raylib.evaluation import generate, prompts_for
+    from raylib.objectives.rewards import score
+
+    shard = rows[: job.objective.eval_rows][rank::world]
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    if shard:
+        answers = generate(model, tokenizer, prompts_for(shard, job.data.template, tokenizer),
+                           job.objective.max_new_tokens, batch_size=32)
+        values = score(reward_fn, job.objective.reward, answers, shard)
+        total += torch.tensor([sum(values), len(values)], dtype=torch.float64, device=device)
+    total = reduce_sum(total)
+    return {"eval_reward": total[0].item() / max(total[1].item(), 1.0)}
+
+
+# --------------------------------------------------------------------------- reinforce / ppo
+
+
+def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
+    """The RL loop for `reinforce` and `ppo` (and the entry that hands `grpo` to TRL)."""
+    if job.objective.name == "grpo":
+        return run_grpo(job, session, use_gpu)
+    import torch
+    from transformers import get_scheduler
+
+    from raylib import backends, checkpointing, models
+    from raylib.checkpointing import TrainState
+    from raylib.methods import get_method
+    from raylib.objectives.rewards import resolve, score
+    from raylib.train_loop import _checkpoint, _quiet_libraries, steady_step_time
+
+    obj = job.objective
+    device_type = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _quiet_libraries()
+    torch.manual_seed(job.train.seed)
+    accelerator = backends.make_accelerator(job, device_type)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    reward_fn = resolve(obj.reward)
+
+    tokenizer = models.load_tokenizer(job.model)
+    model = models.load_model(job.model, device)
+    model.config.use_cache = False
+    method = get_method(job.method.name)
+    model = method.apply(model, job)
+    frozen = None
+    if job.method.name == "full":
+        frozen = copy.deepcopy(model).requires_grad_(False).eval()
+    trainable, total = models.count_parameters(model)
+
+    rows = load_rows(job, "train")
+    eval_rows = load_rows(job, "eval")
+    shard = rows[rank::world] or rows
+    optimizer = backends.build_optimizer(model, job.train)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    steps_per_epoch = max(1, math.ceil(len(shard) / job.train.batch_size))
+    total_steps = job.train.max_steps or steps_per_epoch * job.train.epochs
+    scheduler = get_scheduler(job.train.lr_scheduler, optimizer,
+                              num_warmup_steps=int(job.train.warmup_ratio * total_steps), num_training_steps=total_steps)
+    reduce_sum = lambda t: accelerator.reduce(t, reduction="sum")  # noqa: E731
+
+    def evaluate() -> dict:
+        return eval_reward(unwrapped, tokenizer, eval_rows, job, reward_fn, rank, world, device, reduce_sum) if eval_rows else {}
+
+    resume_dir = session.latest_checkpoint_dir()
+    if resume_dir:
+        state = checkpointing.restore(resume_dir, method=method, model=unwrapped, optimizer=optimizer, scheduler=scheduler)
+    else:
+        state = TrainState()
+        state.history.append({"step": 0, **evaluate()})
+    reward_before = state.history[0].get("eval_reward") if state.history else None
+    base_metrics = {"trainable_params": trainable, "total_params": total, "total_steps": total_steps,
+                    "world_size": world, "objective": obj.name}
+    session.progress({"type": "start", "total_steps": total_steps, "step": state.step, "trainable_params": trainable,
+                      "total_params": total, "eval_loss_before": None, "data": f"{len(rows)} prompts",
+                      "resumed_from": resume_dir})
+    ckpt_every = job.train.checkpoint_every
+    eval_every = job.train.eval_every if job.train.eval_every is not None else ckpt_every
+    step_times: list[float] = []
+    last_saved = state.step if resume_dir else -1
+
+    while state.step < total_steps:
+        t0 = time.perf_counter()
+        rng = random.Random(job.train.seed * 1_000_003 + state.step * 7919 + rank)
+        batch = rng.sample(shard, min(job.train.batch_size, len(shard)))
+        texts, pairs, sample_rows = rollout(unwrapped, tokenizer, batch, job, rng.randrange(2**31))
+        rewards = score(reward_fn, obj.reward, texts, sample_rows)
+        adv = advantages(rewards, obj.num_samples, obj.normalize).to(device)
+        ids, attn, mask = pad_batch(pairs, tokenizer.pad_token_id, device)
+        n_tok = mask.sum(1).clamp(min=1)
+        with torch.no_grad():
+            with reference(unwrapped, frozen) as ref_model:
+                ref_lp = token_logps(ref_model, ids, attn)
+            old_lp = token_logps(unwrapped, ids, attn) if obj.name == "ppo" else None
+        passes = obj.ppo_epochs if obj.name == "ppo" else 1
+        model.train()
+        for _ in range(passes):
+            lp = token_logps(model, ids, attn)
+            delta = (ref_lp - lp).clamp(-20, 20)
+            kl = ((delta.exp() - delta - 1) * mask).sum(1) / n_tok
+            if obj.name == "ppo":
+                ratio = (lp - old_lp).exp()
+                surr = torch.minimum(ratio * adv[:, None], ratio.clamp(1 - obj.clip, 1 + obj.clip) * adv[:, None])
+                pg = -((surr * mask).sum(1) / n_tok)
+            else:
+                pg = -(adv * (lp * mask).sum(1)) / n_tok.float().mean()
+            loss = (pg + obj.kl_coef * kl).mean()
+            accelerator.backward(loss)
+            if job.train.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        scheduler.step()
+        state.step += 1
+        step_times.append(time.perf_counter() - t0)
+        stats = reduce_sum(torch.tensor([sum(rewards), len(rewards), kl.detach().sum().item(), len(kl)],
+                                        dtype=torch.float64, device=device))
+        step_metrics = {"reward": stats[0].item() / stats[1].item(), "kl": stats[2].item() / stats[3].item(),
+                        "loss": loss.item()}
+        if state.step % job.train.log_every == 0 or state.step == total_steps:
+            session.progress({"type": "step", "step": state.step, "total_steps": total_steps, "epoch": 0,
+                              "lr": scheduler.get_last_lr()[0], "tokens_per_s": 0.0, **step_metrics})
+        at_end = state.step >= total_steps
+        do_eval = at_end or (eval_every and state.step % eval_every == 0)
+        do_ckpt = at_end or (ckpt_every and state.step % ckpt_every == 0)
+        if do_eval or do_ckpt:
+            metrics = {**base_metrics, **step_metrics, "step": state.step, "eval_reward_before": reward_before}
+            if do_eval:
+                metrics.update(evaluate())
+                state.history.append({"step": state.step, "eval_reward": metrics.get("eval_reward"),
+                                      "reward": step_metrics["reward"]})
+                session.progress({"type": "eval", **metrics})
+            if at_end:
+                metrics["step_time_p50"] = steady_step_time(step_times)
+            if do_ckpt:
+                _checkpoint(session, job, method, unwrapped, tokenizer, optimizer, scheduler, state, metrics, rank)
+                last_saved = state.step
+            else:
+                session.report(metrics, None, None)
+    if last_saved != state.step:
+        session.report({**base_metrics, "step": state.step}, None, None)
+    return {"step": state.step, "step_times": step_times, "state": state}
+
+
+# --------------------------------------------------------------------------- grpo (TRL)
+
+
+def run_grpo(job, session, use_gpu: bool = False) -> dict[str, Any]:
+    raise NotImplementedError  # replaced below when implemented
