@@ -185,10 +185,11 @@ def run_cem(expert_dirs: list[str], fewshot: str, out_dir: str, opts: CEMOptions
     actor_cls = ray.remote(num_cpus=1)(CandidateScorer)
     actors = [actor_cls.remote(meta["base_model"], expert_dirs, rows, meta["template"], opts.model_dump())
               for _ in range(n_actors)]
-    started = time.time()
     try:
+        n_layers = ray.get([a.num_layers.remote() for a in actors])[0]  # every actor has loaded its model
+        started = time.time()  # the search itself, without model loading
         k = len(expert_dirs)
-        n_layers = ray.get(actors[0].num_layers.remote()) if opts.per_layer else 1
+        n_layers = n_layers if opts.per_layer else 1
         shape = (k, n_layers) if opts.per_layer else (k,)
         rng = np.random.default_rng(opts.seed)
         mean = np.full(shape, 1.0 / k)
