@@ -115,8 +115,17 @@ def demo(job_yaml: str, workers: int, overrides: tuple[str, ...]) -> None:
     launch.print_summary(result)
 
 
-from raylib.params_cli import params as _params  # noqa: E402  (issue 5: `raylib params`)
-main.add_command(_params)
+def _register_commands() -> None:
+    """Commands that live with their feature's package."""
+    from raylib.params_cli import params
+    from raylib.search.commands import cem, tune
+
+    for command in (tune, cem, params):
+        main.add_command(command)
+
+
+_register_commands()
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

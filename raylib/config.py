@@ -157,13 +157,18 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError("--set", f"{item!r} is not KEY=VALUE", "write e.g. --set train.lr=1e-4")
     key, value = item.split("=", 1)
-    parts = key.strip().split(".")
+    set_field(raw, key.strip(), yaml.safe_load(value))
+
+
+def set_field(raw: dict[str, Any], path: str, value: Any) -> None:
+    """raw["train"]["lr"] = value for path "train.lr" (creating sections on the way)."""
+    parts = path.split(".")
     node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(key, f"cannot set a field inside {part!r}, which is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
+            raise ConfigError(path, f"cannot set a field inside {part!r}, which is not a section")
+    node[parts[-1]] = value
 
 
 def validate_job(raw: dict[str, Any], source: str = "job") -> JobConfig:

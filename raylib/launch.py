@@ -129,12 +129,8 @@ def train(
 ) -> RunResult:
     """Validate, run the job on Ray Train, publish the final expert at `output.dir`."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.v2.api.config import LoggingConfig
-    from ray.train.torch import TorchTrainer
 
     from raylib.progress import ProgressPrinter, ProgressSink
-    from raylib.train_loop import train_worker
 
     job = resolve_paths(job)
     if local:
@@ -146,28 +142,8 @@ def train(
         yaml.safe_dump(job.to_dict(), f, sort_keys=False)
 
     connect(address)
-    use_gpu = _use_gpu(job.scaling.use_gpu, job.scaling.num_workers)
-    resources = dict(job.scaling.resources_per_worker)
-    if use_gpu:
-        resources.setdefault("GPU", 1)
     sink = ProgressSink.remote()
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"job": job.to_dict(), "progress": sink, "use_gpu": use_gpu},
-        scaling_config=ScalingConfig(
-            num_workers=job.scaling.num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker=resources,
-            placement_strategy=job.scaling.placement_strategy,
-        ),
-        run_config=RunConfig(
-            name=CHECKPOINTS,
-            storage_path=out,
-            failure_config=FailureConfig(max_failures=job.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
-            logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO goes to its log files
-        ),
-    )
+    trainer = build_trainer(job, storage_path=out, progress_sink=sink)
     started = time.time()
     printer = ProgressPrinter(sink, os.path.join(out, "metrics.jsonl"), enabled=show_progress)
     try:
@@ -177,9 +153,13 @@ def train(
         raise TrainingFailed(_failure_summary(exc, out)) from exc
     finally:
         ray.kill(sink)
+    return finish_run(result, out, started)
+
+
+def finish_run(result, out: str, started: float) -> RunResult:
+    """A finished Ray Train result -> the expert published at `out` plus run.json."""
     if result.checkpoint is None:
         raise TrainingFailed(f"the run finished without a checkpoint; see {out}/metrics.jsonl and the Ray logs")
-
     ckpt_dir = result.checkpoint.path
     metrics = dict(result.metrics or {})
     metrics["wall_time_s"] = round(time.time() - started, 2)
@@ -187,6 +167,42 @@ def train(
     with open(os.path.join(out, "run.json"), "w") as f:
         json.dump({"checkpoint": ckpt_dir, "expert": out, "metrics": metrics}, f, indent=2, default=str)
     return RunResult(expert_dir=out, checkpoint_dir=ckpt_dir, metrics=metrics)
+
+
+def build_trainer(job: JobConfig, *, storage_path: str, progress_sink=None, callbacks: list | None = None):
+    """The TorchTrainer for a validated job (shared by `train` and each `tune` trial).
+
+    Ray Train keeps the run under `<storage_path>/checkpoints/` and restores it from there
+    when the same trainer is built again (driver restart, resumed search).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
+
+    from raylib.train_loop import train_worker
+
+    use_gpu = _use_gpu(job.scaling.use_gpu, job.scaling.num_workers)
+    resources = dict(job.scaling.resources_per_worker)
+    if use_gpu:
+        resources.setdefault("GPU", 1)
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"job": job.to_dict(), "progress": progress_sink, "use_gpu": use_gpu},
+        scaling_config=ScalingConfig(
+            num_workers=job.scaling.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=job.scaling.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=CHECKPOINTS,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=job.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
+            logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO goes to its log files
+            callbacks=callbacks or None,
+        ),
+    )
 
 
 def publish_expert(src: str, dest: str) -> None:

@@ -1,0 +1,326 @@
+"""`raylib tune`: Ray Tune over job configs, where every trial is a full Ray Train run.
+
+Each trial is a Tune function trainable that applies its sampled values to the base job
+and runs the same `TorchTrainer` `raylib train` builds (Ray Train V2's documented Tune
+integration: the trainer runs inside the trial, `TuneReportCallback` forwards its reports).
+So a trial may itself use several workers, trials spread over the cluster's nodes, ASHA
+stops a trial by stopping its trainer, and `--resume` is Tune's own `Tuner.restore`
+(each unfinished trial's Train run then restores from its latest checkpoint).
+
+Layout of a search directory (default `<job output.dir>-search`):
+
+    tune/                 Tune's experiment (readable by ray.tune.ExperimentAnalysis)
+    trials/<trial_id>/    each trial's run: checkpoints/, and the expert if it finished
+    results.csv           one row per trial: status, sampled values, last metrics, expert
+    best_job.yaml         the best finished trial's job, ready for `raylib train`
+    metric_vs_step.png    the search metric over steps for every trial
+    search.json           the summary printed at the end
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from raylib.config import JobConfig, set_field, validate_job
+from raylib.errors import ConfigError
+from raylib.search.space import SearchConfig
+
+log = logging.getLogger("raylib.tune")
+
+EXPERIMENT = "tune"
+TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes reserved for each trial's driver process
+
+
+@dataclass
+class SearchResult:
+    search_dir: str
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    early_stopped: int = 0
+
+
+def search_dir_for(job: JobConfig, search: SearchConfig) -> str:
+    return os.path.abspath(search.dir or os.path.normpath(job.output.dir) + "-search")
+
+
+def preflight(job: JobConfig, search: SearchConfig, resume: bool) -> str:
+    """Checks that need no cluster; returns the search directory."""
+    from raylib import launch
+
+    launch.preflight(job, resume=False)  # model, data, writable output
+    if search.scheduler.name == "asha" and not (search.scheduler.max_t or job.train.max_steps):
+        raise ConfigError("search.scheduler.max_t", "ASHA needs the trial length in steps",
+                          "set train.max_steps in the job or scheduler.max_t in the search file")
+    out = search_dir_for(job, search)
+    exists = os.path.isdir(os.path.join(out, EXPERIMENT))
+    if exists and not resume:
+        raise ConfigError("search.dir", f"{out!r} already holds a search", "pass --resume to continue it, or set dir to a new path")
+    if resume and not exists:
+        raise ConfigError("--resume", f"there is no search to resume in {out!r}", "drop --resume to start a new search")
+    return out
+
+
+def run_search(job: JobConfig, search: SearchConfig, *, resume: bool = False, address: str | None = None) -> SearchResult:
+    """Run (or resume) the search and write its outputs. Trial failures are in the result."""
+    from ray import tune
+
+    from raylib import launch
+
+    job = launch.resolve_paths(job)
+    out = preflight(job, search, resume)
+    os.makedirs(out, exist_ok=True)
+    base = job.to_dict()
+    metric, mode = search.metric, search.mode
+
+    launch.connect(address)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base, search_dir=out, metric=metric),
+        # the trial only drives its trainer: its Train workers hold the CPUs/GPUs, the trial
+        # itself asks for memory alone (Tune refuses an all-zero request)
+        {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY},
+    )
+    path = os.path.join(out, EXPERIMENT)
+    if resume:
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={p: d.to_tune() for p, d in search.space.items()},
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode=mode,
+                num_samples=search.num_samples or (1 if search.algorithm == "grid" else 4),
+                # BasicVariantGenerator takes the limit itself (Tune ignores max_concurrent_trials for it)
+                max_concurrent_trials=search.max_concurrent if search.algorithm == "optuna" else None,
+                search_alg=_search_alg(search),
+                scheduler=_scheduler(job, search),
+            ),
+            run_config=tune.RunConfig(
+                name=EXPERIMENT,
+                storage_path=out,
+                failure_config=tune.FailureConfig(max_failures=search.max_failures),
+                verbose=1,
+            ),
+        )
+    started = time.time()
+    grid = tuner.fit()
+    result = _collect(grid, out, metric, mode)
+    _write_outputs(result, base, job, search, time.time() - started)
+    return result
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+def _trial(params: dict[str, Any], *, base: dict[str, Any], search_dir: str, metric: str) -> None:
+    """One trial = one Ray Train run of the base job with `params` applied."""
+    from ray import tune
+
+    from raylib import launch
+
+    raw = copy.deepcopy(base)
+    for path, value in params.items():
+        set_field(raw, path, value)
+    trial_dir = os.path.join(search_dir, "trials", tune.get_context().get_trial_id())
+    raw["output"]["dir"] = trial_dir
+    job = validate_job(raw, source="trial")
+    os.makedirs(trial_dir, exist_ok=True)
+    with open(os.path.join(trial_dir, "job.yaml"), "w") as f:
+        yaml.safe_dump(raw, f, sort_keys=False)
+    started = time.time()
+    trainer = launch.build_trainer(job, storage_path=trial_dir, callbacks=[_report_callback(metric)])
+    launch.finish_run(trainer.fit(), trial_dir, started)
+
+
+def _report_callback(metric: str):
+    """Forward only the reports that carry the search metric (eval steps) to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class MetricReport(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metric in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return MetricReport()
+
+
+# --------------------------------------------------------------------------- algorithms
+
+
+def _search_alg(search: SearchConfig):
+    if search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=search.seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=search.seed, max_concurrent=search.max_concurrent or 0)
+
+
+def _scheduler(job: JobConfig, search: SearchConfig):
+    s = search.scheduler
+    if s.name == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    max_t = s.max_t or job.train.max_steps
+    first_eval = job.train.eval_every or job.train.checkpoint_every or max_t
+    return ASHAScheduler(
+        time_attr="step",
+        # ASHA stops every trial that reaches max_t; one step more lets a trial that made it
+        # to the end finish on its own and publish its expert (the rungs stay the same)
+        max_t=max_t + 1,
+        grace_period=min(s.grace_period or first_eval, max_t),
+        reduction_factor=s.reduction_factor,
+    )
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _collect(grid, out: str, metric: str, mode: str) -> SearchResult:
+    from raylib.experts import is_expert
+
+    rows, failed = [], []
+    for r in grid:
+        trial_id = _trial_id(r)
+        trial_dir = os.path.join(out, "trials", trial_id)
+        last = r.metrics or {}
+        finished = is_expert(trial_dir)
+        if finished:  # the run's own final metrics: Tune may not have persisted the last report
+            last = {**last, **_run_metrics(trial_dir)}  # (driver killed after the trial ended)
+        status = "FAILED" if r.error else ("FINISHED" if finished else "STOPPED")
+        row = {
+            "trial_id": trial_id,
+            "status": status,
+            **{f"config/{k}": v for k, v in (r.config or {}).items()},
+            "step": last.get("step"),
+            metric: last.get(metric),
+            "expert": trial_dir if finished else "",
+        }
+        rows.append(row)
+        if r.error:
+            failed.append({"trial_id": trial_id, "error": _first_line(r.error), "log_dir": r.path})
+        row["_history"] = _history(r, metric)
+        if finished and row["step"] is not None and row[metric] is not None and (
+                not row["_history"] or row["_history"][-1][0] < row["step"]):
+            row["_history"].append((int(row["step"]), float(row[metric])))
+    finished_rows = [r for r in rows if r["status"] == "FINISHED" and r.get(metric) is not None]
+    pick = min if mode == "min" else max
+    best = pick(finished_rows, key=lambda r: r[metric]) if finished_rows else None
+    stopped = sum(1 for r in rows if r["status"] == "STOPPED")
+    return SearchResult(search_dir=out, rows=rows, best=best, failed=failed, early_stopped=stopped)
+
+
+def _run_metrics(trial_dir: str) -> dict:
+    try:
+        with open(os.path.join(trial_dir, "run.json")) as f:
+            return json.load(f).get("metrics", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def _trial_id(result) -> str:
+    trial_id = (result.metrics or {}).get("trial_id")
+    if trial_id:
+        return trial_id
+    # a trial that never reported: Tune's trial dir is <trainable>_<trial_id>_<n>_<params...>
+    return os.path.basename(result.path).split("_")[1]
+
+
+def _history(result, metric: str) -> list[tuple[int, float]]:
+    df = result.metrics_dataframe
+    if df is None or metric not in df or "step" not in df:
+        return []
+    df = df.dropna(subset=[metric, "step"])
+    return [(int(s), float(v)) for s, v in zip(df["step"], df[metric])]
+
+
+def _first_line(error: BaseException) -> str:
+    cause = error
+    while getattr(cause, "__cause__", None) is not None:
+        cause = cause.__cause__
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:300]
+
+
+def _write_outputs(result: SearchResult, base: dict, job: JobConfig, search: SearchConfig, wall: float) -> None:
+    out, metric = result.search_dir, search.metric
+    columns = [k for k in result.rows[0] if not k.startswith("_")] if result.rows else []
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(result.rows)
+    if result.best is not None:
+        raw = copy.deepcopy(base)
+        for key, value in result.best.items():
+            if key.startswith("config/"):
+                set_field(raw, key.removeprefix("config/"), value)
+        raw["output"]["dir"] = job.output.dir
+        with open(os.path.join(out, "best_job.yaml"), "w") as f:
+            yaml.safe_dump(raw, f, sort_keys=False)
+    _plot(result, metric, os.path.join(out, "metric_vs_step.png"))
+    summary = {
+        "search_dir": out,
+        "trials": len(result.rows),
+        "finished": sum(r["status"] == "FINISHED" for r in result.rows),
+        "early_stopped": result.early_stopped,
+        "failed": result.failed,
+        "best": {k: v for k, v in (result.best or {}).items() if not k.startswith("_")} or None,
+        "best_job": os.path.join(out, "best_job.yaml") if result.best else None,
+        "wall_time_s": round(wall, 1),
+    }
+    with open(os.path.join(out, "search.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+
+
+def _plot(result: SearchResult, metric: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in result.rows:
+        if row["_history"]:
+            steps, values = zip(*row["_history"])
+            ax.plot(steps, values, marker="o", label=f"{row['trial_id']} ({row['status'].lower()})")
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per trial")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def format_table(result: SearchResult, metric: str) -> str:
+    """The results table the CLI prints."""
+    if not result.rows:
+        return "no trials ran"
+    keys = [k for k in result.rows[0] if k.startswith("config/")]
+    header = ["trial", "status", *[k.removeprefix("config/") for k in keys], "step", metric]
+    lines = [header]
+    for r in result.rows:
+        lines.append([r["trial_id"], r["status"], *[_fmt(r[k]) for k in keys], _fmt(r["step"]), _fmt(r.get(metric))])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
