@@ -119,8 +119,9 @@ def _register_commands() -> None:
     """Commands that live with their feature's package."""
     from raylib.params_cli import params
     from raylib.search.commands import cem, tune
+    from raylib.serve_cli import serve_command
 
-    for command in (tune, cem, params):
+    for command in (tune, cem, params, serve_command):
         main.add_command(command)
 
 
