@@ -48,11 +48,13 @@ def use_single_device(cfg: ServeConfig) -> bool:
     return torch.cuda.device_count() <= 1
 
 
-def _options(spec: ExpertSpec, name: str) -> dict:
+def _options(spec: ExpertSpec, name: str, runtime_env: dict | None = None) -> dict:
     a = spec.autoscaling
     actor = {"num_cpus": spec.resources.num_cpus, "num_gpus": spec.resources.num_gpus}
     if spec.resources.memory:
         actor["memory"] = spec.resources.memory
+    if runtime_env:
+        actor["runtime_env"] = runtime_env
     return {
         "name": name,
         "autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
@@ -63,7 +65,7 @@ def _options(spec: ExpertSpec, name: str) -> dict:
     }
 
 
-def build_app(args: dict[str, Any] | ServeConfig, single_device: bool | None = None):
+def build_app(args: dict[str, Any] | ServeConfig, single_device: bool | None = None, runtime_env: dict | None = None):
     """The Serve Application (router ingress bound to its expert deployments)."""
     from serve.expert import ExpertReplica
     from serve.router import Router
@@ -76,21 +78,22 @@ def build_app(args: dict[str, Any] | ServeConfig, single_device: bool | None = N
     deployments, where = {}, {}
     base = cfg.base_spec()
     if single:
-        deployments["experts"] = ExpertReplica.options(**_options(base, "experts")).bind(
+        deployments["experts"] = ExpertReplica.options(**_options(base, "experts", runtime_env)).bind(
             experts={n: s.path for n, s in specs.items()}, threads=_threads(base), **common)
         where = {n: "experts" for n in [*specs, BASE]}
     else:
         for name, spec in specs.items():
             dep = f"expert-{name}"
-            deployments[dep] = ExpertReplica.options(**_options(spec, dep)).bind(
+            deployments[dep] = ExpertReplica.options(**_options(spec, dep, runtime_env)).bind(
                 experts={name: spec.path}, include_base=False, threads=_threads(spec), **common)
             where[name] = dep
-        deployments["base"] = ExpertReplica.options(**_options(base, "base")).bind(
+        deployments["base"] = ExpertReplica.options(**_options(base, "base", runtime_env)).bind(
             experts={}, threads=_threads(base), **common)
         where[BASE] = "base"
     r = cfg.router
     router_opts = {"name": "router", "num_replicas": r.num_replicas,
-                   "ray_actor_options": {"num_cpus": r.resources.num_cpus}}
+                   "ray_actor_options": {"num_cpus": r.resources.num_cpus,
+                                         **({"runtime_env": runtime_env} if runtime_env else {})}}
     log.info("serve app: %s mode, deployments %s", "single-device" if single else "multi-deployment", sorted(deployments))
     return Router.options(**router_opts).bind(cfg.model_dump(), deployments, where)
 
@@ -111,6 +114,7 @@ def run(cfg: ServeConfig, single_device: bool | None = None, address: str | None
         else:
             ray.init(address="local", include_dashboard=False)
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
-    handle = serve.run(build_app(cfg, single_device), name=cfg.app_name, route_prefix=cfg.route_prefix,
-                       blocking=blocking)
-    return handle
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    app = build_app(cfg, single_device, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    return serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
