@@ -155,7 +155,7 @@ def test_config_errors_name_the_field(tiny_model, serve_experts, tmp_path):
         ({"router": {"strategy": "cem", "cem_expert": "arithmetic"}}, "router.cem_expert"),
         ({"router": {"strategy": "classifier"}}, "router.classifier"),
         ({"router": {"fallback": "nope", "keywords": {"arithmetic": ["+"]}}}, "router.fallback"),
-        ({"experts": {"x": str(tmp_path)}}, "experts.x.path"),
+        ({"experts": {**serve_experts, "x": str(tmp_path)}}, "experts.x.path"),
         ({"limits": {"max_tokens": -1}}, "limits.max_tokens"),
         ({"routr": {}}, "routr"),
     ]
@@ -209,8 +209,8 @@ def test_single_device_engine_switches_without_reloading(tiny_model, serve_exper
 
     torch.set_num_threads(1)
     engine = Engine(tiny_model, serve_experts)
-    reqs = [dict(expert=d, kind="chat", messages=[{"role": "user", "content": PROMPTS[d][0]}], max_tokens=6)
-            for d in (*DOMAINS, "base")]
+    reqs = [dict(expert=d, kind="chat", messages=[{"role": "user", "content": PROMPTS[p][0]}], max_tokens=6)
+            for d, p in zip((*DOMAINS, "base"), (*DOMAINS, "arithmetic"))]
     one_by_one = [engine.generate([r])[0] for r in reqs]
     assert [r["expert"] for r in one_by_one] == [*DOMAINS, "base"]
     assert [r["text"] for r in engine.generate(reqs)] == [r["text"] for r in one_by_one]
