@@ -396,9 +396,13 @@ def test_killing_an_expert_replica_loses_no_request(multi_app, capsys):
     thread.join(timeout=120)
     failed = [r for r in results if r[0] != 200]
     fallbacks = sum(1 for r in results if r[2])
+    with urllib.request.urlopen(urllib.request.Request(f"{multi_app['url']}/v1/stats",
+                                                       headers={"authorization": f"Bearer {API_KEY}"})) as r:
+        stats = json.loads(r.read())
     with capsys.disabled():
         print(f"\nreplica kill: {len(results)} requests ({killed_at} before the kill), {len(failed)} failed, "
-              f"{fallbacks} answered by the fallback, replica pid {old_pid} -> {new_pid}")
+              f"{fallbacks} answered by the fallback, router retries {stats['retries']}, "
+              f"replica pid {old_pid} -> {new_pid}")
     assert new_pid and new_pid != old_pid
     assert not failed, failed[:3]
     assert len(results) > killed_at + 3
