@@ -125,8 +125,8 @@ def main() -> None:
                          "keywords": {"arithmetic": ["+"], "strings": ["reverse"], "comparison": ["larger"]}},
               "http": {"port": port}}
     t0 = time.perf_counter()
-    run(validate_serve_config({**common, "app_name": "multi", "route_prefix": "/multi", "single_device": False}))
-    run(validate_serve_config({**common, "app_name": "single", "route_prefix": "/single", "single_device": True}))
+    run(validate_serve_config({**common, "app_name": "multi", "route_prefix": "/multi", "single_device": False}), blocking=False)
+    run(validate_serve_config({**common, "app_name": "single", "route_prefix": "/single", "single_device": True}), blocking=False)
     print(f"deployed both apps in {time.perf_counter() - t0:.1f}s", flush=True)
 
     expert = serve.get_deployment_handle("expert-arithmetic", app_name="multi")
