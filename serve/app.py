@@ -102,7 +102,7 @@ def _threads(spec: ExpertSpec) -> int:
     return max(1, int(spec.resources.num_cpus))
 
 
-def run(cfg: ServeConfig, single_device: bool | None = None, address: str | None = None, blocking: bool = True):
+def run(cfg: ServeConfig, single_device: bool | None = None, address: str | None = None, blocking: bool = False):
     """Start Ray (if needed) + Serve on cfg.http, deploy the app; return the router handle."""
     import ray
     from ray import serve
