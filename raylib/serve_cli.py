@@ -4,8 +4,9 @@ and deploy the router + expert app from the repository's `serve/` package."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
-import time
+import threading
 
 import click
 
@@ -58,10 +59,13 @@ def serve_command(config, single_device, host, port, address, overrides, check):
     url = f"http://{cfg.http.host}:{cfg.http.port}{cfg.route_prefix.rstrip('/')}"
     click.echo(f"serving {sorted(cfg.experts)} (+ base, auto) at {url}/v1  (Ctrl-C stops)", err=False)
     sys.stdout.flush()
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from ray import serve
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ray replaces Python's SIGINT handling in the driver
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    click.echo("stopping ...")
+    from ray import serve
 
-        serve.shutdown()
+    serve.shutdown()
+    ray.shutdown()
