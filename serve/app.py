@@ -65,12 +65,17 @@ def _options(spec: ExpertSpec, name: str, runtime_env: dict | None = None) -> di
     }
 
 
-def build_app(args: dict[str, Any] | ServeConfig, single_device: bool | None = None, runtime_env: dict | None = None):
+def build_app(args: dict[str, Any]):
+    """The application builder Ray Serve calls (`import_path: serve.app:build_app`): exactly one
+    parameter, the `args` dict of the Serve config / `serve run ... key=value`."""
+    return build_application(config_from_args(args))
+
+
+def build_application(cfg: ServeConfig, single_device: bool | None = None, runtime_env: dict | None = None):
     """The Serve Application (router ingress bound to its expert deployments)."""
     from serve.expert import ExpertReplica
     from serve.router import Router
 
-    cfg = args if isinstance(args, ServeConfig) else config_from_args(args)
     single = use_single_device(cfg) if single_device is None else single_device
     specs = cfg.expert_specs()
     common = dict(base_model=cfg.base_model, base_template=cfg.base_template, dtype=cfg.dtype,
@@ -116,5 +121,5 @@ def run(cfg: ServeConfig, single_device: bool | None = None, address: str | None
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
-    app = build_app(cfg, single_device, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    app = build_application(cfg, single_device, runtime_env={"env_vars": {"PYTHONPATH": path}})
     return serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)

@@ -174,6 +174,25 @@ def test_config_errors_name_the_field(tiny_model, serve_experts, tmp_path):
     assert proc.returncode == 0 and "ok: 3 experts" in proc.stdout, proc.stderr
 
 
+def test_build_app_is_a_serve_application_builder(tiny_model, serve_experts, tmp_path):
+    """`serve run serve.app:build_app config=...` / a Serve config file's import_path: Serve
+    calls the builder with the args dict (config file + overrides, or an inline config)."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    from raylib.errors import ConfigError
+    from serve.app import build_app
+
+    cfg = {"base_model": tiny_model, "experts": dict(serve_experts),
+           "router": {"strategy": "keywords", "keywords": {"strings": ["reverse"]}}}
+    path = tmp_path / "serve.yaml"
+    path.write_text(json.dumps(cfg))
+    for args in ({"config": str(path), "single_device": "false"}, cfg):
+        assert isinstance(call_user_app_builder_with_args_if_necessary(build_app, args), Application)
+    with pytest.raises(ConfigError, match="router.strategy"):
+        build_app({"config": str(path), "router.strategy": "nope"})
+
+
 def test_strategies_route_synthetic_domains(tiny_model, serve_experts, labelled):
     from raylib.synthetic import make_rows
     from serve.classifier import row_text
