@@ -77,14 +77,14 @@ def preflight(job: JobConfig, resume: bool = False, probe: bool = True) -> data_
     `output.dir` (a path or a URI) must be writable: a probe object is written and deleted,
     so a wrong bucket, missing credentials or a read-only directory stop the job here.
     """
-    models.preflight(job)
-    report = data_mod.preflight(job)
     out = job.output.dir
     loc = storage.resolve(out)  # rejects credentials in a URI
     if not loc.is_remote and os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError("output.dir", f"{out!r} is a file", "choose a directory path")
-    if probe:
+    if probe:  # first: cheap, and the most common mistake on a cluster
         storage.probe(loc)
+    models.preflight(job)
+    report = data_mod.preflight(job)
     if has_run(out) and not resume:
         raise ConfigError(
             "output.dir",
