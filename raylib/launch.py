@@ -263,21 +263,35 @@ def publish_expert(src: str, dest: str) -> None:
     os.replace(marker + ".tmp", marker)
 
 
-def _failure_summary(exc: Exception, out: str) -> str:
+def root_cause(exc: BaseException) -> tuple[str, str, str]:
+    """(exception type, its last message line, where the worker logs are) for a failure
+    raised anywhere in the cluster (Ray wraps worker exceptions in its own)."""
     import ray
 
-    cause = exc
-    while getattr(cause, "__cause__", None) is not None and cause.__cause__ is not cause:
-        cause = cause.__cause__
+    from raylib.errors import RaylibError
+
+    cause, seen = exc, set()
+    while id(cause) not in seen and not isinstance(cause, RaylibError):  # ours already say what and where
+        seen.add(id(cause))
+        inner = getattr(cause, "cause", None)  # RayTaskError keeps the worker's exception here
+        nxt = inner if isinstance(inner, BaseException) else cause.__cause__
+        if nxt is None:
+            break
+        cause = nxt
     text = str(cause).strip().splitlines()
-    last = next((line for line in reversed(text) if line.strip()), type(cause).__name__)
+    last = next((line.strip() for line in reversed(text) if line.strip()), type(cause).__name__)
     logs = "the Ray logs"
     try:
         logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
     except Exception:  # not on the head node: the job's own log holds the worker output
         pass
+    return type(cause).__name__, last[:500], logs
+
+
+def _failure_summary(exc: BaseException, out: str) -> str:
+    kind, last, logs = root_cause(exc)
     return (
-        f"training failed: {type(cause).__name__}: {last[:500]}. "
+        f"training failed: {kind}: {last}. "
         f"Worker output is in {logs}; metrics so far in {out}/metrics.jsonl; "
         f"rerun with --resume to continue from the last checkpoint."
     )

@@ -242,15 +242,24 @@ def upload_dir(local_dir: str, loc: Location, last: str | None = None) -> None:
         upload_file(os.path.join(local_dir, rel), loc, rel)
 
 
-def download_dir(loc: Location, local_dir: str) -> str:
-    """Copy everything under `loc` to `local_dir` (created)."""
+def download_dir(loc: Location, local_dir: str, exclude: tuple[str, ...] = ()) -> str:
+    """Copy everything under `loc` to `local_dir` (created), except the top-level entries
+    named in `exclude` (a run's `checkpoints/` when only its expert is wanted)."""
     os.makedirs(local_dir, exist_ok=True)
     if not loc.is_remote:
-        shutil.copytree(loc.path, local_dir, dirs_exist_ok=True)
+        shutil.copytree(loc.path, local_dir, dirs_exist_ok=True, ignore=lambda d, names: [
+            n for n in names if os.path.samefile(d, loc.path) and n in exclude])
         return local_dir
     import pyarrow.fs as pafs
 
-    pafs.copy_files(loc.path, local_dir, source_filesystem=loc.fs, destination_filesystem=pafs.LocalFileSystem())
+    for info in loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True)):
+        rel = posixpath.relpath(info.path, loc.path)
+        if info.type != pafs.FileType.File or rel.split("/", 1)[0] in exclude:
+            continue
+        dest = os.path.join(local_dir, *rel.split("/"))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with loc.fs.open_input_stream(info.path) as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
     return local_dir
 
 

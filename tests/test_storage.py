@@ -73,3 +73,71 @@ def test_missing_or_read_only_credentials_fail_the_preflight(s3_server, monkeypa
         launch.preflight(launch.resolve_paths(job))
     assert expected in str(info.value)
     assert s3_server.keys_under("run/") == []
+
+
+def _stderr_is_clean(stderr: str) -> list[str]:
+    """Lines on stderr that are neither progress nor a warning (a successful run has none)."""
+    progress = ("training:", "step ", "eval loss", "resumed")
+    bad = []
+    for line in stderr.splitlines():
+        s = line.strip()
+        if not s or s.startswith(progress) or "warning" in s.lower() or "warn" in s[:40].lower():
+            continue
+        bad.append(line)
+    return bad
+
+
+@pytest.mark.slow
+def test_two_worker_job_on_s3_resumes_and_the_expert_loads_with_peft(s3_server, tmp_path, tiny_model, demo_data,
+                                                                     monkeypatch):
+    env = {**s3_server.env("rw"), "PYTHONPATH": REPO}
+    job = _job(tmp_path, tiny_model, demo_data, "s3://bucket/run", scaling={"num_workers": 2},
+               train={"max_steps": 6, "checkpoint_every": 3}, output={"domain": "mixed"})
+    first = run_cli("train", job, env=env, timeout=900)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
+    print(first.stderr)
+    keys = s3_server.keys_under("run/")
+    for name in ("expert.json", "adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "job.yaml",
+                 "run.json", "metrics.jsonl", "checkpoints/checkpoint_manager_snapshot.json"):
+        assert f"run/{name}" in keys, (name, keys)
+    steps = sorted({k.split("/")[2] for k in keys if k.startswith("run/checkpoints/step_")})
+    assert steps == ["step_0000003", "step_0000006"], keys
+    assert "expert saved to s3://bucket/run" in first.stdout
+
+    # without --resume the run is protected; with it, training continues from step 6 on S3
+    again = run_cli("train", job, env=env, timeout=300)
+    assert again.returncode == 2 and "already holds a run" in again.stderr, again.stderr[-2000:]
+    resumed = run_cli("train", job, "--resume", "--set", "train.max_steps=9", env=env, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    assert "resumed from step 6" in resumed.stderr, resumed.stderr[-3000:]
+    steps = sorted({k.split("/")[2] for k in s3_server.keys_under("run/checkpoints/") if "/step_" in k})
+    assert steps[-1] == "step_0000009", steps
+
+    # the expert comes back from S3 into the local cache and plain PEFT loads it
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("RAYLIB_EXPERT_CACHE", str(tmp_path / "cache"))
+    from raylib.experts import read_expert, resolve_expert
+
+    local = resolve_expert("s3://bucket/run")
+    info = read_expert(local)
+    assert info.method == "lora" and info.step == 9 and info.domain == "mixed"
+    assert not os.path.exists(os.path.join(local, "checkpoints"))
+    assert resolve_expert("s3://bucket/run") == local  # cached while expert.json is unchanged
+    proc = run_python(f"""
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+tok = AutoTokenizer.from_pretrained({local!r})
+ids = tok("What is 2 + 3?", return_tensors="pt").input_ids
+base = AutoModelForCausalLM.from_pretrained({tiny_model!r})
+with torch.no_grad():
+    before = base(ids).logits
+model = PeftModel.from_pretrained(base, {local!r}).eval()
+with torch.no_grad():
+    print((model(ids).logits - before).abs().max().item())
+""")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split()[-1]) > 1e-3
+    run_json = json.loads(s3_server.client().get_object(Bucket="bucket", Key="run/run.json")["Body"].read())
+    assert run_json["checkpoint"] == "s3://bucket/run/checkpoints/step_0000009" and run_json["metrics"]["step"] == 9
