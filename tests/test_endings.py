@@ -8,7 +8,7 @@ import os
 
 import pytest
 import yaml
-from helpers import REPO, job_dict, run_cli, write_job
+from helpers import REPO, job_dict, run_cli, stray_stderr, write_job
 
 ENV = {"PYTHONPATH": REPO}  # the test reward module (tests/rl_rewards.py) for the Ray workers
 
@@ -17,13 +17,6 @@ def _error_paragraph(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, stderr[-4000:]
     return lines[0]
-
-
-def _stray_stderr(stderr: str) -> list[str]:
-    """stderr lines that are neither progress nor a warning."""
-    progress = ("training:", "step ", "eval loss", "resumed")
-    return [line for line in stderr.splitlines()
-            if line.strip() and not line.strip().startswith(progress) and "warn" not in line.lower()]
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import json
 import os
 
 import pytest
-from helpers import REPO, job_dict, run_cli, run_python, write_job
+from helpers import REPO, job_dict, run_cli, run_python, stray_stderr as _stray_stderr, write_job
 
 
 def _no_ray_started(proc) -> bool:
@@ -75,18 +75,6 @@ def test_missing_or_read_only_credentials_fail_the_preflight(s3_server, monkeypa
     assert s3_server.keys_under("run/") == []
 
 
-def _stderr_is_clean(stderr: str) -> list[str]:
-    """Lines on stderr that are neither progress nor a warning (a successful run has none)."""
-    progress = ("training:", "step ", "eval loss", "resumed")
-    bad = []
-    for line in stderr.splitlines():
-        s = line.strip()
-        if not s or s.startswith(progress) or "warning" in s.lower() or "warn" in s[:40].lower():
-            continue
-        bad.append(line)
-    return bad
-
-
 @pytest.mark.slow
 def test_two_worker_job_on_s3_resumes_and_the_expert_loads_with_peft(s3_server, tmp_path, tiny_model, demo_data,
                                                                      monkeypatch):
@@ -95,7 +83,7 @@ def test_two_worker_job_on_s3_resumes_and_the_expert_loads_with_peft(s3_server, 
                train={"max_steps": 6, "checkpoint_every": 3}, output={"domain": "mixed"})
     first = run_cli("train", job, env=env, timeout=900)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
-    print(first.stderr)
+    assert _stray_stderr(first.stderr) == [], first.stderr[-3000:]  # a successful run: progress and warnings only
     keys = s3_server.keys_under("run/")
     for name in ("expert.json", "adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "job.yaml",
                  "run.json", "metrics.jsonl", "checkpoints/checkpoint_manager_snapshot.json"):
