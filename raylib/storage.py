@@ -133,12 +133,13 @@ def probe(loc: Location, field: str = "output.dir") -> None:
     read-only location fail here, before any cluster resources are spent."""
     name = f".raylib-probe-{uuid.uuid4().hex[:8]}"
     if not loc.is_remote:
-        try:
-            os.makedirs(loc.path, exist_ok=True)
-            target = os.path.join(loc.path, name)
-            with open(target, "w") as f:
-                f.write("probe")
-            os.remove(target)
+        try:  # in the directory, or in its nearest existing parent (nothing is left behind)
+            parent = loc.path
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if not os.path.isdir(parent):
+                raise NotADirectoryError(20, f"{parent!r} is a file")
+            shutil.rmtree(tempfile.mkdtemp(prefix=name, dir=parent))
         except OSError as exc:
             raise ConfigError(field, f"{loc.uri!r} is not writable ({exc.strerror or exc})",
                               "choose a directory this user can write to") from None

@@ -5,6 +5,7 @@ that says what failed and where its log is; a successful run exits 0 with a clea
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 import yaml
@@ -65,3 +66,32 @@ def test_unexpected_exceptions_are_one_paragraph_with_a_traceback_file():
     path = err.split("Full traceback in ")[1].split(" ")[0]
     assert os.path.isfile(path) and "Traceback (most recent call last)" in open(path).read()
     os.remove(path)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_reports_failed_for_a_failing_run(tmp_path, tiny_model, demo_data, monkeypatch):
+    """jobs/finetune.py exits non-zero when its workers fail, so Ray marks the job FAILED."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from helpers import RayHead
+
+    head = RayHead(num_cpus=2)
+    try:
+        out = str(tmp_path / "submitted")
+        submission_id = f"raylib-fail-{os.getpid()}"
+        cmd = ["ray", "job", "submit", "--address", head.dashboard, "--working-dir", REPO, "--submission-id",
+               submission_id, "--", "python", "jobs/finetune.py", "jobs/examples/lora.yaml",
+               "--set", f"model.path={tiny_model}", "--set", f"data.train={demo_data['train']}",
+               "--set", f"data.eval={demo_data['eval']}", "--set", f"output.dir={out}",
+               "--set", "train.max_steps=2", "--set", "data.max_length=256",
+               "--set", "method.target_modules=[no_such_module]"]  # valid YAML, fails in the workers
+        proc = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=900, cwd=REPO)
+        assert proc.returncode != 0, (proc.stdout + proc.stderr)[-4000:]
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")  # for the in-process JobSubmissionClient
+        client = JobSubmissionClient(head.dashboard)
+        assert client.get_job_status(submission_id) == JobStatus.FAILED
+        logs = client.get_job_logs(submission_id)
+        assert "error: training failed:" in logs and "no_such_module" in logs, logs[-4000:]
+        assert "expert saved" not in logs
+    finally:
+        head.stop()

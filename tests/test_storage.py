@@ -129,3 +129,29 @@ with torch.no_grad():
     assert float(proc.stdout.split()[-1]) > 1e-3
     run_json = json.loads(s3_server.client().get_object(Bucket="bucket", Key="run/run.json")["Body"].read())
     assert run_json["checkpoint"] == "s3://bucket/run/checkpoints/step_0000009" and run_json["metrics"]["step"] == 9
+
+
+def test_resolve_expert_from_an_fsspec_uri_caches_and_refetches(tmp_path, monkeypatch):
+    """Any fsspec scheme works (here fsspec's in-memory filesystem): the expert is copied
+    without its checkpoints, reused while expert.json is unchanged, fetched again after."""
+    from raylib import storage
+    from raylib.errors import ConfigError
+    from raylib.experts import resolve_expert
+
+    monkeypatch.setenv("RAYLIB_EXPERT_CACHE", str(tmp_path / "cache"))
+    loc = storage.resolve("memory://raylib-test/run")
+    assert loc.is_remote
+    storage.write_text(loc, "adapter_config.json", "{}")
+    storage.write_text(loc, "checkpoints/step_0000001/expert/big.bin", "x" * 1000)
+    with pytest.raises(ConfigError, match="is not a raylib expert"):
+        resolve_expert("memory://raylib-test/run")
+    storage.write_text(loc, "expert.json", json.dumps({"method": "lora", "base_model": "m", "step": 1}))
+    local = resolve_expert("memory://raylib-test/run")
+    assert sorted(os.listdir(local)) == ["adapter_config.json", "expert.json"]
+    assert resolve_expert("memory://raylib-test/run") == local
+    storage.write_text(loc, "adapter_config.json", '{"r": 8}')
+    assert open(os.path.join(resolve_expert("memory://raylib-test/run"), "adapter_config.json")).read() == "{}"
+    storage.write_text(loc, "expert.json", json.dumps({"method": "lora", "base_model": "m", "step": 2}))
+    again = resolve_expert("memory://raylib-test/run")
+    assert again == local and open(os.path.join(again, "adapter_config.json")).read() == '{"r": 8}'
+    assert resolve_expert(str(tmp_path)) == str(tmp_path)  # local paths pass through
