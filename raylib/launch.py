@@ -180,8 +180,12 @@ def train(
     started = time.time()
     staging = storage.staging_dir(loc)  # metrics.jsonl is appended locally, uploaded at the end
     metrics_file = os.path.join(staging, "metrics.jsonl")
-    if loc.is_remote and os.path.exists(metrics_file) and not resume:
-        os.remove(metrics_file)
+    if loc.is_remote:  # start from the run's own log (a resumed run may come from another machine)
+        if os.path.exists(metrics_file):
+            os.remove(metrics_file)
+        if resume and storage.is_file(loc, "metrics.jsonl"):
+            with open(metrics_file, "w") as f:
+                f.write(storage.read_text(loc, "metrics.jsonl"))
     printer = ProgressPrinter(sink, metrics_file, enabled=show_progress)
     try:
         with printer:
