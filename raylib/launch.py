@@ -302,26 +302,40 @@ def publish_expert(src: str, dest: str) -> None:
 def root_cause(exc: BaseException) -> tuple[str, str, str]:
     """(exception type, its last message line, where the worker logs are) for a failure
     raised anywhere in the cluster (Ray wraps worker exceptions in its own)."""
+    import re
+
     import ray
 
     from raylib.errors import RaylibError
 
     cause, seen = exc, set()
-    while id(cause) not in seen and not isinstance(cause, RaylibError):  # ours already say what and where
+    while id(cause) not in seen:
         seen.add(id(cause))
-        inner = getattr(cause, "cause", None)  # RayTaskError keeps the worker's exception here
-        nxt = inner if isinstance(inner, BaseException) else cause.__cause__
+        failures = getattr(cause, "worker_failures", None)  # Ray Train: {rank: exception}
+        candidates = [
+            failures[min(failures)] if failures else None,
+            getattr(cause, "controller_failure", None),  # Ray Train's controller
+            getattr(cause, "_base_exc", None),  # Ray Train: the user's exception with its traceback
+            getattr(cause, "cause", None),  # RayTaskError: the task's exception
+        ]
+        nxt = next((c for c in candidates if isinstance(c, BaseException)), None)
+        if nxt is None:
+            if isinstance(cause, RaylibError):  # ours already say what and where
+                break
+            nxt = cause.__cause__
         if nxt is None:
             break
         cause = nxt
+    kind = type(cause).__name__
     text = str(cause).strip().splitlines()
-    last = next((line.strip() for line in reversed(text) if line.strip()), type(cause).__name__)
+    last = next((line.strip() for line in reversed(text) if line.strip()), kind)
+    last = re.sub(rf"^(?:[\w.]+\.)?{re.escape(kind)}: ", "", last)  # "pkg.RewardError: ..." -> "..."
     logs = "the Ray logs"
     try:
         logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
     except Exception:  # not on the head node: the job's own log holds the worker output
         pass
-    return type(cause).__name__, last[:500], logs
+    return kind, last[:500], logs
 
 
 def _failure_summary(exc: BaseException, out: str) -> str:

@@ -95,3 +95,26 @@ def test_ray_job_submit_reports_failed_for_a_failing_run(tmp_path, tiny_model, d
         assert "expert saved" not in logs
     finally:
         head.stop()
+
+
+def test_root_cause_reaches_the_worker_exception_through_ray_trains_wrappers():
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from raylib.errors import TrainingFailed
+    from raylib.launch import root_cause
+    from raylib.objectives.rewards import RewardError
+
+    try:
+        raise RewardError("reward function 'm:f' raised ValueError: boom") from ValueError("boom")
+    except RewardError as exc:
+        worker_exc = exc
+    tb = "Traceback (most recent call last):\n  File x\nraylib.objectives.rewards.RewardError: reward function 'm:f' raised ValueError: boom"
+    error = WorkerGroupError("rank 0 failed", {1: UserExceptionWithTraceback(ValueError("other"), "ValueError: other"),
+                                                0: UserExceptionWithTraceback(worker_exc, tb)})
+    kind, last, logs = root_cause(error)
+    assert (kind, last) == ("RewardError", "reward function 'm:f' raised ValueError: boom")
+    try:
+        raise TrainingFailed("training failed: X: y. Worker output is in /logs") from error
+    except TrainingFailed as exc:
+        assert root_cause(exc)[:2] == ("TrainingFailed", "training failed: X: y. Worker output is in /logs")

@@ -273,11 +273,10 @@ def _history(result, metric: str) -> list[tuple[int, float]]:
 
 
 def _first_line(error: BaseException) -> str:
-    cause = error
-    while getattr(cause, "__cause__", None) is not None:
-        cause = cause.__cause__
-    lines = [line for line in str(cause).splitlines() if line.strip()]
-    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:300]
+    from raylib.launch import root_cause
+
+    kind, last, _ = root_cause(error)
+    return f"{kind}: {last}"[:400]
 
 
 def _write_outputs(result: SearchResult, base: dict, job: JobConfig, search: SearchConfig, wall: float,
