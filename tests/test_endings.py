@@ -38,21 +38,33 @@ def test_a_raising_reward_function_fails_the_run_with_exit_1(tmp_path, tiny_mode
 
 
 @pytest.mark.slow
-def test_a_failing_trial_in_a_search_of_3_exits_1_and_names_it(tmp_path, tiny_model, demo_data):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_failing_trial_in_a_search_of_3_exits_1_and_names_it(request, tmp_path, tiny_model, demo_data, where):
     # the middle trial asks LoRA for modules the model does not have: it fails in its workers
     job = write_job(tmp_path / "job.yaml", job_dict(tiny_model, demo_data, str(tmp_path / "out"),
                                                     train={"max_steps": 2, "checkpoint_every": 2}))
     search = tmp_path / "search.yaml"
-    search.write_text(yaml.safe_dump({
-        "space": {"method.target_modules": "grid [[q_proj], [no_such_module], [v_proj]]"},
-        "algorithm": "grid", "max_concurrent": 1, "scheduler": {"name": "none"}, "metric": "eval_loss", "mode": "min"}))
-    proc = run_cli("tune", job, "--search", str(search), timeout=1200)
+    spec = {"space": {"method.target_modules": "grid [[q_proj], [no_such_module], [v_proj]]"},
+            "algorithm": "grid", "max_concurrent": 1, "scheduler": {"name": "none"}, "metric": "eval_loss", "mode": "min"}
+    env = {}
+    if where == "s3":  # the search, its trials' checkpoints and experts all live in the bucket
+        s3 = request.getfixturevalue("s3_server")
+        spec["dir"], env = "s3://bucket/search", s3.env("rw")
+    search.write_text(yaml.safe_dump(spec))
+    proc = run_cli("tune", job, "--search", str(search), env=env, timeout=1500)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-4000:]
     err = _error_paragraph(proc.stderr)
     assert err.startswith("error: 1 of 3 trials failed:"), err
     assert "no_such_module" in err or "Target modules" in err, err
     assert "(logs: " in err, err
     assert proc.stdout.count("FINISHED") == 2 and proc.stdout.count("FAILED") == 1, proc.stdout
+    if where == "s3":
+        keys = s3.keys_under("search/")
+        experts = [k for k in keys if k.startswith("search/trials/") and k.endswith("/expert.json") and k.count("/") == 3]
+        assert len(experts) == 2, keys
+        for name in ("results.csv", "search.json", "best_job.yaml", "metric_vs_step.png"):
+            assert f"search/{name}" in keys, (name, keys)
+        assert any(k.startswith("search/tune/") for k in keys), keys
 
 
 def test_unexpected_exceptions_are_one_paragraph_with_a_traceback_file():
