@@ -47,7 +47,7 @@ def _unexpected(ctx, exc: BaseException) -> str:
     with os.fdopen(fd, "w") as f:
         traceback.print_exception(exc, file=f)
     lines = [line for line in str(exc).splitlines() if line.strip()]
-    text = lines[-1].strip() if lines else ""
+    text = lines[-1].strip().rstrip(".") if lines else ""
     return (f"`raylib {command}` failed: {type(exc).__name__}: {text[:400]}. "
             f"Full traceback in {path} (rerun with RAYLIB_DEBUG=1 to print it).")
 

@@ -335,7 +335,7 @@ def root_cause(exc: BaseException) -> tuple[str, str, str]:
         logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
     except Exception:  # not on the head node: the job's own log holds the worker output
         pass
-    return kind, last[:500], logs
+    return kind, last[:500].rstrip("."), logs
 
 
 def _failure_summary(exc: BaseException, out: str) -> str:
