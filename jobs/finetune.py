@@ -5,7 +5,8 @@
 
 Inside a Ray job, $RAY_ADDRESS points at the cluster, so the Ray Train workers are placed on
 its nodes. Use an absolute (shared) path or a URI for output.dir: the job's working_dir is a
-temporary copy that Ray deletes.
+temporary copy that Ray deletes. Any failure (invalid job, a worker, a reward function, the
+final save or upload) exits non-zero, so `ray job status` reports FAILED.
 """
 
 import os

@@ -25,6 +25,31 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:  # a bug or an unforeseen failure: still one paragraph and exit 1
+            if os.environ.get("RAYLIB_DEBUG"):
+                raise
+            click.echo(f"error: {_unexpected(ctx, exc)}", err=True)
+            sys.exit(1)
+
+
+def _unexpected(ctx, exc: BaseException) -> str:
+    """One paragraph for an unexpected exception; the traceback goes to a file it names."""
+    import tempfile
+    import traceback
+
+    command = ctx.invoked_subcommand or "raylib"
+    fd, path = tempfile.mkstemp(prefix=f"raylib-{command}-", suffix=".traceback.txt")
+    with os.fdopen(fd, "w") as f:
+        traceback.print_exception(exc, file=f)
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1].strip().rstrip(".") if lines else ""
+    return (f"`raylib {command}` failed: {type(exc).__name__}: {text[:400]}. "
+            f"Full traceback in {path} (rerun with RAYLIB_DEBUG=1 to print it).")
 
 
 @click.group(cls=_Group)

@@ -47,8 +47,11 @@ class RaySession:
         ckpt = self._train.get_checkpoint()
         if ckpt is None:
             return None
-        # local storage: the directory itself; remote storage: a local copy
-        return ckpt.path if os.path.isdir(ckpt.path) else ckpt.to_directory()
+        # local storage: the directory itself; remote storage (s3://, gs://, ...): a local copy
+        import pyarrow.fs
+
+        local = isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem) and os.path.isdir(ckpt.path)
+        return ckpt.path if local else ckpt.to_directory()
 
     def report(self, metrics: dict, checkpoint_dir: str | None, name: str | None) -> None:
         ckpt = self._train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
