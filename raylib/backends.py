@@ -295,3 +295,22 @@ def gathered_trainable(engine, model):
 
     params = [p for p in model.parameters() if p.requires_grad]
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def print_deepspeed_config(job, local: bool = False, stream=None) -> None:
+    """What `raylib train --print-deepspeed-config` shows: the config each worker will use."""
+    import sys
+
+    from raylib.errors import ConfigError
+
+    if job.backend.name != "deepspeed":
+        raise ConfigError("backend.name", f"is {job.backend.name!r}: there is no DeepSpeed config to print",
+                          "set backend.name: deepspeed (e.g. --set backend.name=deepspeed)")
+    use_gpu = job.scaling.use_gpu
+    if use_gpu == "auto":
+        import torch
+
+        use_gpu = torch.cuda.is_available()
+    world = 1 if local else job.scaling.num_workers
+    json.dump(deepspeed_config(job, world, "cuda" if use_gpu else "cpu"), stream or sys.stdout, indent=2)
+    print(file=stream or sys.stdout)
