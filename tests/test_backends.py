@@ -216,27 +216,28 @@ def job(steps, out):
     return validate_job(r)
 tmp = tempfile.mkdtemp()
 straight = PlainSession(os.path.join(tmp, "a"))
-run(job(6, os.path.join(tmp, "a")), straight)
+run(job(4, os.path.join(tmp, "a")), straight)
 first = PlainSession(os.path.join(tmp, "b"))
-run(job(3, os.path.join(tmp, "b")), first)
+run(job(2, os.path.join(tmp, "b")), first)
 resumed = PlainSession(os.path.join(tmp, "c"), resume_from=first.reports[-1]["checkpoint"])
-run(job(6, os.path.join(tmp, "c")), resumed)
+run(job(4, os.path.join(tmp, "c")), resumed)
 print(json.dumps({"straight": straight.reports[-1]["eval_loss"], "resumed": resumed.reports[-1]["eval_loss"],
                   "resumed_steps": [r["step"] for r in resumed.reports]}))
 """
 
 
 def test_resume_from_a_deepspeed_checkpoint_is_exact(tiny_model, demo_data, tmp_path, monkeypatch):
-    """3 steps + resume 3 == 6 straight steps (ZeRO-3 engine state: weights, Adam moments,
+    """2 steps + resume 2 == 4 straight steps (ZeRO-3 engine state: weights, Adam moments,
     our scheduler, data position). One process without Ray, in a fresh interpreter (DeepSpeed
     sets up a process group, which must not leak into the test process)."""
     raw = job_dict(tiny_model, demo_data, "unused", backend={"name": "deepspeed", "zero_stage": 3},
-                   train={"max_steps": 6, "checkpoint_every": 3, "lr_scheduler": "constant"})
+                   method={"name": "lora", "r": 8, "dropout": 0.0},  # dropout RNG is not part of a checkpoint
+                   train={"max_steps": 4, "checkpoint_every": 2, "lr_scheduler": "constant"})
     monkeypatch.setenv("RAYLIB_TEST_JOB", json.dumps(raw))
     proc = run_python(RESUME_CODE, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res["resumed_steps"][-1] == 6 and min(res["resumed_steps"]) > 3
+    assert res["resumed_steps"] == [4]
     assert res["resumed"] == pytest.approx(res["straight"], abs=1e-5), res
 
 
