@@ -207,8 +207,7 @@ def make_deepspeed_accelerator(job, device_type: str):
     from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, DeepSpeedPlugin, InitProcessGroupKwargs
 
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if not torch.distributed.is_initialized():  # one process without Ray: DeepSpeed needs a group
+    if not torch.distributed.is_initialized():  # no Ray (plain run, torchrun): DeepSpeed needs a group
         import deepspeed
 
         os.environ.setdefault("RANK", "0")
@@ -218,7 +217,7 @@ def make_deepspeed_accelerator(job, device_type: str):
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl")
     AcceleratorState._reset_state(True)
-    config = deepspeed_config(job, world, device_type)
+    config = deepspeed_config(job, torch.distributed.get_world_size(), device_type)
     plugin = DeepSpeedPlugin(hf_ds_config=config)
     precision = resolve_mixed_precision(job.backend.mixed_precision, device_type)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if device_type == "cpu" else []
