@@ -171,6 +171,10 @@ def check(job) -> None:
     if b.offload_params and b.zero_stage != 3:
         raise ConfigError("backend.offload_params", f"parameter offload needs ZeRO stage 3 (zero_stage is {b.zero_stage})",
                           "set backend.zero_stage: 3, or remove backend.offload_params")
+    if job.objective.name != "sft":
+        raise ConfigError("backend.name", f"objective {job.objective.name!r} has its own loop (rollouts, TRL for grpo), "
+                          "which is not run or tested under DeepSpeed; the DeepSpeed backend runs the SFT loop",
+                          "use backend.name: accelerate with this objective")
     reason = DEEPSPEED_UNSUPPORTED.get(job.method.name)
     if reason:
         raise ConfigError("backend.name", f"method {job.method.name!r} cannot run under DeepSpeed: {reason}",

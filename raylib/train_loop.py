@@ -272,18 +272,9 @@ def _checkpoint(session, job, method, model, tokenizer, optimizer, scheduler, st
     if rank != 0:
         session.report(metrics, None, name)
         return
-    info = ExpertInfo(
-        method=job.method.name,
-        base_model=job.model.path,
-        domain=job.output.domain,
-        template=job.data.template,
-        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None},
-        config=job.to_dict(),
-        step=state.step,
-    )
     with tempfile.TemporaryDirectory(prefix="raylib-ckpt-") as tmp:
         checkpointing.save(tmp, method=method, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                           scheduler=scheduler, state=state, info=info)
+                           scheduler=scheduler, state=state, info=_expert_info(job, metrics, state))
         session.report(metrics, tmp, name)
 
 

@@ -82,6 +82,7 @@ def test_user_config_is_deep_merged_inline_and_from_a_file(tmp_path):
     ({"name": "deepspeed", "config": {"zero_optimization": {"stage": 1}}}, {}, "backend.config", "stage 2 or 3"),
     ({"name": "deepspeed", "config": {"scheduler": {"type": "WarmupLR"}}}, {}, "backend.config.scheduler", "optimizer"),
     ({"name": "deepspeeed"}, {}, "backend.name", "deepspeed"),
+    ({"name": "deepspeed"}, {"objective": {"name": "reinforce"}}, "backend.name", "backend.name: accelerate"),
 ])
 def test_bad_backend_options_are_config_errors(backend, extra, field, text):
     with pytest.raises(ConfigError) as err:
