@@ -70,11 +70,19 @@ _set_option = click.option(
 @click.option("--resume", is_flag=True, help="continue the run in output.dir from its latest checkpoint")
 @click.option("--address", default=None, help="Ray cluster to run on: ray://HOST:PORT, HOST:PORT or auto (default: $RAY_ADDRESS, else an embedded local Ray)")
 @click.option("--quiet", is_flag=True, help="no progress output")
-def train(job_yaml: str, overrides: tuple[str, ...], local: bool, resume: bool, address: str | None, quiet: bool) -> None:
+@click.option("--print-deepspeed-config", "print_ds", is_flag=True,
+              help="print the DeepSpeed config generated for this job (backend.name: deepspeed) and exit")
+def train(job_yaml: str, overrides: tuple[str, ...], local: bool, resume: bool, address: str | None, quiet: bool,
+          print_ds: bool) -> None:
     """Run the fine-tuning job JOB_YAML on Ray Train workers."""
     from raylib.config import load_job
 
     job = load_job(job_yaml, list(overrides))
+    if print_ds:
+        from raylib.backends import print_deepspeed_config
+
+        print_deepspeed_config(job, local=local)
+        return
     from raylib import launch
 
     result = launch.train(job, address=address, local=local, resume=resume, show_progress=not quiet)

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
+from raylib import backends
 from raylib.errors import ConfigError
 from raylib.methods import METHODS
 from raylib.objectives import OBJECTIVE_OPTIONS, ObjectiveOptions, SFTOptions
@@ -61,8 +62,16 @@ class DataConfig(_Strict):
 
 
 class BackendConfig(_Strict):
-    name: Literal["accelerate"] = "accelerate"
+    """accelerate (DDP) or deepspeed (ZeRO 2/3); see raylib/backends.py and README "Backends"."""
+
+    name: Literal["accelerate", "deepspeed"] = "accelerate"
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    zero_stage: Literal[2, 3] = Field(2, description="deepspeed: ZeRO stage")
+    offload_optimizer: bool = Field(False, description="deepspeed: optimizer state in CPU memory")
+    offload_params: bool = Field(False, description="deepspeed: parameters in CPU memory (stage 3 only)")
+    config: str | dict[str, Any] | None = Field(
+        None, description="deepspeed: JSON file path or inline mapping deep-merged over the generated config"
+    )
 
 
 class ScalingConfig(_Strict):
@@ -177,6 +186,7 @@ def validate_job(raw: dict[str, Any], source: str = "job") -> JobConfig:
     except ValidationError as exc:
         raise ConfigError("", f"{source}: " + "; ".join(_describe(e) for e in exc.errors())) from None
     METHODS[job.method.name].check(job)
+    backends.check(job)
     return job
 
 

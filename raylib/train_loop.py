@@ -146,6 +146,7 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
         num_training_steps=total_steps,
     )
     unwrapped = accelerator.unwrap_model(model)
+    engine = backends.deepspeed_engine(accelerator, model)  # None on the accelerate backend
 
     def evaluate() -> dict:
         if not prepared.eval:
@@ -153,12 +154,14 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
         return sft.evaluate(
             unwrapped, prepared.eval, collator, job.train.batch_size, rank, world, accelerator.device,
             lambda t: accelerator.reduce(t, reduction="sum"),
+            lockstep=backends.needs_lockstep(engine),
         )
 
     # resume or start
     resume_dir = session.latest_checkpoint_dir()
     if resume_dir:
-        state = checkpointing.restore(resume_dir, method=method, model=unwrapped, optimizer=optimizer, scheduler=scheduler)
+        state = checkpointing.restore(resume_dir, method=method, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
+                                      engine=engine)
         log.info("rank %d resumed from %s at step %d", rank, resume_dir, state.step)
     else:
         state = TrainState()
@@ -236,7 +239,8 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
                 if at_end:
                     metrics["step_time_p50"] = steady_step_time(step_times)
                 if do_ckpt:
-                    _checkpoint(session, job, method, unwrapped, tokenizer, optimizer, scheduler, state, metrics, rank)
+                    _checkpoint(session, job, method, unwrapped, tokenizer, optimizer, scheduler, state, metrics, rank,
+                                engine)
                     last_saved = state.step
                 else:
                     session.report(metrics, None, None)
@@ -258,13 +262,37 @@ def steady_step_time(step_times: list[float]) -> float:
     return statistics.median(steady) if steady else 0.0
 
 
-def _checkpoint(session, job, method, model, tokenizer, optimizer, scheduler, state, metrics, rank) -> None:
-    """Rank 0 writes the checkpoint (DDP replicas are identical); every rank reports."""
+def _checkpoint(session, job, method, model, tokenizer, optimizer, scheduler, state, metrics, rank, engine=None) -> None:
+    """Rank 0 writes the checkpoint (DDP replicas are identical); every rank reports.
+
+    Under DeepSpeed every rank also writes its ZeRO shard of the engine state into its own
+    temporary directory and reports it under the same name: Ray Train merges the ranks'
+    files into one checkpoint directory and registers it only once all ranks reported.
+    """
     name = f"step_{state.step:07d}"
+    if engine is not None:
+        return _checkpoint_deepspeed(session, job, method, model, tokenizer, scheduler, state, metrics, rank, engine, name)
     if rank != 0:
         session.report(metrics, None, name)
         return
-    info = ExpertInfo(
+    with tempfile.TemporaryDirectory(prefix="raylib-ckpt-") as tmp:
+        checkpointing.save(tmp, method=method, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                           scheduler=scheduler, state=state, info=_expert_info(job, metrics, state))
+        session.report(metrics, tmp, name)
+
+
+def _checkpoint_deepspeed(session, job, method, model, tokenizer, scheduler, state, metrics, rank, engine, name) -> None:
+    with tempfile.TemporaryDirectory(prefix="raylib-ckpt-") as tmp:
+        backends.save_engine_state(engine, os.path.join(tmp, checkpointing.DEEPSPEED_DIR))  # collective
+        with backends.gathered_trainable(engine, model):  # ZeRO-3: whole trainable tensors on every rank
+            if rank == 0:
+                checkpointing.save(tmp, method=method, model=model, tokenizer=tokenizer, optimizer=None,
+                                   scheduler=scheduler, state=state, info=_expert_info(job, metrics, state))
+        session.report(metrics, tmp, name)
+
+
+def _expert_info(job, metrics, state) -> ExpertInfo:
+    return ExpertInfo(
         method=job.method.name,
         base_model=job.model.path,
         domain=job.output.domain,
@@ -273,10 +301,6 @@ def _checkpoint(session, job, method, model, tokenizer, optimizer, scheduler, st
         config=job.to_dict(),
         step=state.step,
     )
-    with tempfile.TemporaryDirectory(prefix="raylib-ckpt-") as tmp:
-        checkpointing.save(tmp, method=method, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                           scheduler=scheduler, state=state, info=info)
-        session.report(metrics, tmp, name)
 
 
 def _quiet_libraries() -> None:
