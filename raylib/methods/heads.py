@@ -192,8 +192,6 @@ class Heads(Method):
             raise ConfigError("method.cache_features",
                               "cached features need a frozen backbone, but method.lora trains it",
                               "set cache_features: auto/false, or remove method.lora")
-        if job.model.quantization and o.lora is None:
-            pass  # a frozen 4-bit backbone is fine
         if o.lora is not None:
             try:
                 self._lora_config(o.lora)
@@ -201,10 +199,13 @@ class Heads(Method):
                 raise ConfigError("method.lora", f"PEFT rejected the options: {exc}", "see peft.LoraConfig") from exc
 
     @staticmethod
-    def _lora_config(lo):
+    def _lora_config(lo, model=None):
         from peft import LoraConfig
 
-        return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
+        from raylib.methods.peft_methods import resolve_targets
+
+        return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                          target_modules=resolve_targets(lo.target_modules, lo.layers_to_transform, model),
                           layers_to_transform=lo.layers_to_transform, **lo.extra)
 
     def apply(self, model, job):
@@ -216,7 +217,7 @@ class Heads(Method):
 
             if getattr(model, "is_quantized", False):
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=job.train.gradient_checkpointing)
-            backbone = get_peft_model(model, self._lora_config(o.lora))
+            backbone = get_peft_model(model, self._lora_config(o.lora, model))
         clf = MultiHeadClassifier(backbone, o.tasks, o.pooling, o.head_hidden, o.head_dropout)
         clf.to(next(model.parameters()).device)
         for t in o.freeze_tasks:

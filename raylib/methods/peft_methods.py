@@ -117,8 +117,8 @@ class PeftMethod(Method):
     task_type = "CAUSAL_LM"
 
     @abstractmethod
-    def peft_config(self, job):
-        """The PEFT config object built from `job.method`."""
+    def peft_config(self, job, model=None):
+        """The PEFT config object built from `job.method` (`model`: the base, when known)."""
 
     def check(self, job) -> None:
         from raylib.errors import ConfigError
@@ -135,7 +135,7 @@ class PeftMethod(Method):
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=job.train.gradient_checkpointing
             )
-        return get_peft_model(model, self.peft_config(job))
+        return get_peft_model(model, self.peft_config(job, model=model))
 
     def save(self, model, out_dir: str) -> None:
         model.save_pretrained(out_dir, safe_serialization=True)
@@ -160,7 +160,7 @@ class LoRA(PeftMethod):
     name = "lora"
     Options = LoraOptions
 
-    def peft_config(self, job):
+    def peft_config(self, job, model=None):
         from peft import LoraConfig
 
         o = job.method
@@ -169,7 +169,7 @@ class LoRA(PeftMethod):
             r=o.r,
             lora_alpha=o.alpha,
             lora_dropout=o.dropout,
-            target_modules=o.target_modules,
+            target_modules=resolve_targets(o.target_modules, o.layers_to_transform, model),
             layers_to_transform=o.layers_to_transform,
             modules_to_save=o.modules_to_save,
             bias=o.bias,
@@ -218,7 +218,7 @@ class AdaLoRA(PeftMethod):
     name = "adalora"
     Options = AdaLoraOptions
 
-    def peft_config(self, job, total_step: int | None = None):
+    def peft_config(self, job, model=None, total_step: int | None = None):
         from peft import AdaLoraConfig
 
         o = job.method
@@ -237,7 +237,7 @@ class AdaLoRA(PeftMethod):
             total_step=total_step or job.train.max_steps or o.tinit + o.tfinal + 1,
             lora_alpha=o.alpha,
             lora_dropout=o.dropout,
-            target_modules=o.target_modules,
+            target_modules=resolve_targets(o.target_modules, o.layers_to_transform, model),
             layers_to_transform=o.layers_to_transform,
             modules_to_save=o.modules_to_save,
             **o.extra,
@@ -299,6 +299,25 @@ class AdaLoRA(PeftMethod):
 ADALORA_RESUME = "adalora_resume.safetensors"
 
 
+def resolve_targets(targets, layers_to_transform, model):
+    """PEFT refuses `layers_to_transform` with the string "all-linear", so then we expand it
+    ourselves: the leaf names of every Linear inside the decoder layers (never the LM head).
+    Without the model (driver-side check) a stand-in name lets PEFT check the rest."""
+    if targets != "all-linear" or layers_to_transform is None:
+        return targets
+    if model is None:
+        return ["q_proj"]
+    import re
+
+    import torch.nn as nn
+
+    leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and re.search(r"\.(?:layers|h|blocks|layer)\.\d+\.", f".{name}.")}
+    if not leaves:
+        raise ValueError("target_modules: all-linear found no Linear layers inside numbered decoder layers")
+    return sorted(leaves)
+
+
 def check_schedule(o, total_steps: int) -> None:
     """AdaLoRA needs a budgeting phase: tinit < total_steps - tfinal."""
     from raylib.errors import ConfigError
@@ -315,15 +334,20 @@ class IA3(PeftMethod):
     name = "ia3"
     Options = IA3Options
 
-    def peft_config(self, job):
+    def peft_config(self, job, model=None):
         from peft import IA3Config
 
         o = job.method
-        kwargs = dict(task_type=self.task_type, layers_to_transform=o.layers_to_transform,
-                      modules_to_save=o.modules_to_save, **o.extra)
+        kwargs = dict(task_type=self.task_type, modules_to_save=o.modules_to_save, **o.extra)
         if o.target_modules is not None:
             kwargs["target_modules"] = o.target_modules
             kwargs["feedforward_modules"] = o.feedforward_modules or []
+        if o.layers_to_transform is not None:  # IA3Config has no layers_to_transform: a regex does it
+            import re
+
+            layers = "|".join(str(i) for i in o.layers_to_transform)
+            leaves = "|".join(re.escape(m) for m in o.target_modules)
+            kwargs["target_modules"] = rf".*\.(?:layers|h|blocks|layer)\.(?:{layers})\..*\.(?:{leaves})"
         elif o.feedforward_modules is not None:
             kwargs["feedforward_modules"] = o.feedforward_modules
         return IA3Config(**kwargs)
@@ -332,6 +356,9 @@ class IA3(PeftMethod):
         from raylib.errors import ConfigError
 
         o = job.method
+        if o.layers_to_transform is not None and not isinstance(o.target_modules, list):
+            raise ConfigError("method.layers_to_transform", "ia3 needs the module names to restrict to layers",
+                              "also set method.target_modules to a list, e.g. [k_proj, v_proj, down_proj]")
         if o.feedforward_modules and isinstance(o.target_modules, list):
             extra = sorted(set(o.feedforward_modules) - set(o.target_modules))
             if extra:
@@ -377,7 +404,7 @@ class PrefixTuning(_PromptLearning):
     name = "prefix"
     Options = PrefixOptions
 
-    def peft_config(self, job):
+    def peft_config(self, job, model=None):
         from peft import PrefixTuningConfig
 
         o = job.method
@@ -391,7 +418,7 @@ class PTuning(_PromptLearning):
     name = "ptuning"
     Options = PTuningOptions
 
-    def peft_config(self, job):
+    def peft_config(self, job, model=None):
         from peft import PromptEncoderConfig
 
         o = job.method
@@ -420,7 +447,7 @@ class PromptTuning(_PromptLearning):
                               "set method.init: text, or remove method.init_text")
         super().check(job)
 
-    def peft_config(self, job):
+    def peft_config(self, job, model=None):
         from peft import PromptTuningConfig, PromptTuningInit
 
         o = job.method
