@@ -270,7 +270,11 @@ class AdaLoRA(PeftMethod):
 
         from safetensors.torch import save_file
 
-        model.save_pretrained(out_dir, safe_serialization=True)
+        import warnings
+
+        with warnings.catch_warnings():  # matrices pruned to rank 0 save as (0, n): PEFT mistakes them for ZeRO-3 shards
+            warnings.filterwarnings("ignore", message=".*have invalid shape.*")
+            model.save_pretrained(out_dir, safe_serialization=True)
         full = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(full, os.path.join(out_dir, ADALORA_RESUME))
         cfg = model.peft_config[model.active_adapter]
