@@ -264,6 +264,8 @@ def test_layers_to_transform_limits_adapters_to_those_layers(name, opts, tiny_mo
 def test_gradient_checkpointing_and_bf16(name, tiny_model, demo_data, cls_data, tmp_path):
     raw = method_job(name, tiny_model, demo_data, cls_data, str(tmp_path / "o"),
                      train={"max_steps": 3, "gradient_checkpointing": True, "lr": 1e-2})
+    if name == "adalora":  # a 3-step schedule: 1 warm-up step, 1 budgeting step, 1 final
+        raw["method"].update(tinit=1, tfinal=1)
     raw["model"]["dtype"] = "bf16"
     job = validate_job(raw)
     session = PlainSession(str(tmp_path / "ckpt"))
@@ -302,6 +304,7 @@ ERRORS = [
      r"method.cache_features"),
     ({"method": {"name": "heads", "tasks": {"a": ["x"]}}, "objective": {"name": "classification"}},
      r"at least 2 distinct labels"),
+    ({"method": SETTINGS["adalora"]["method"], "objective": {"name": "reinforce"}}, r"method.name: adalora is not wired"),
 ]
 
 

@@ -60,3 +60,7 @@ def check_objective(job) -> None:
     if job.objective.name == "classification" and job.method.name != "heads":
         raise ConfigError("method.name", f"objective classification trains classification heads; {job.method.name!r} has none",
                           "set method.name: heads (with method.tasks), or objective.name: sft")
+    if job.method.name == "adalora" and job.objective.name in ("reinforce", "ppo", "grpo"):
+        # the RL loops neither call the rank allocator nor compute PEFT's labelled loss (orth reg)
+        raise ConfigError("method.name", f"adalora is not wired into the {job.objective.name} loop (no rank allocation)",
+                          "use method.name: lora for RL objectives, or objective.name: sft")
