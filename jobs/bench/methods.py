@@ -64,9 +64,9 @@ def one(name: str, work: str, steps: int, threads: int) -> dict:
     model = build_tiny(os.path.join(os.path.expanduser("~/.cache/raylib-tests"), "tiny-llama"))
     method, lr, classification = VARIANTS[name]
     if classification:
-        data = write_classification_dataset(os.path.join(work, "cls"), 600, 120)
+        data = write_classification_dataset(os.path.join(work, "cls"), 600, 60)
     else:
-        data = write_dataset(os.path.join(work, "sft"), 600, 60)
+        data = write_dataset(os.path.join(work, "sft"), 600, 30)
     job = {
         "model": {"path": model},
         "data": {"train": data["train"], "eval": data["eval"], "max_length": 256 if not classification else 64,
@@ -124,7 +124,8 @@ def main() -> None:
             res = json.loads(line[len("RESULT "):])
             res["round"] = r
             results[n].append(res)
-            print(f"round {r} {n:>16}: {res['step_ms']:.1f} ms/step, eval {res['eval_before']:.3f} -> {res['eval_after']:.3f}",
+            print(f"round {r} {n:>16}: {res['trainable']:,} trainable, {res['step_ms']:.1f} ms/step, "
+                  f"peak RSS {res['peak_rss_mib']:.0f} MiB, eval {res['eval_before']:.3f} -> {res['eval_after']:.3f}",
                   flush=True)
 
     base = {x["round"]: x["step_ms"] for x in results.get("lora", [])}
