@@ -153,7 +153,9 @@ def _register_commands() -> None:
     from raylib.params_cli import params
     from raylib.search.commands import cem, tune
 
-    for command in (tune, cem, params):
+    from raylib.cls_cli import synth_cls
+
+    for command in (tune, cem, params, synth_cls):
         main.add_command(command)
 
 

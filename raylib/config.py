@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from raylib import backends
 from raylib.errors import ConfigError
 from raylib.methods import METHODS
-from raylib.objectives import OBJECTIVE_OPTIONS, ObjectiveOptions, SFTOptions
+from raylib.objectives import OBJECTIVE_OPTIONS, ObjectiveOptions, SFTOptions, check_objective
 
 
 class _Strict(BaseModel):
@@ -46,6 +46,8 @@ class FieldMap(_Strict):
     output: str = "output"
     text: str = "text"
     messages: str = "messages"
+    label: str = "label"   # classification: class name (or index) per row
+    task: str = "task"     # classification: which head a row belongs to
 
 
 class DataConfig(_Strict):
@@ -127,6 +129,8 @@ class JobConfig(_Strict):
             self.model.quantization = method.quantization
         if self.train.optimizer is None:
             self.train.optimizer = method.default_optimizer
+        if not method.supports_packing and "packing" not in self.data.model_fields_set:
+            self.data.packing = False
         return self
 
     @property
@@ -187,6 +191,7 @@ def validate_job(raw: dict[str, Any], source: str = "job") -> JobConfig:
         raise ConfigError("", f"{source}: " + "; ".join(_describe(e) for e in exc.errors())) from None
     METHODS[job.method.name].check(job)
     backends.check(job)
+    check_objective(job)
     return job
 
 

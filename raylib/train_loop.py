@@ -20,11 +20,10 @@ import warnings
 from typing import Any
 
 from raylib import backends, checkpointing, models
-from raylib import data as data_mod
 from raylib.checkpointing import TrainState
 from raylib.experts import ExpertInfo
 from raylib.methods import get_method
-from raylib.objectives import sft
+from raylib.objectives import loop_objective
 
 log = logging.getLogger("raylib.train")
 
@@ -129,9 +128,10 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     if rank == 0:
         log.info("%s: %s trainable of %s parameters (%.3f%%)", job.method.name, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    # data
-    prepared = data_mod.prepare(job, tokenizer)
-    collator = data_mod.Collator(tokenizer.pad_token_id, packed=job.data.packing)
+    # data (the objective decides what a batch is; heads may cache backbone features here)
+    objective = loop_objective(job.objective.name)
+    prepared = objective.prepare(job, tokenizer, model, accelerator.device)
+    collator = objective.collator(job, tokenizer)
     loader = DataLoader(prepared.train, batch_size=job.train.batch_size, shuffle=True, collate_fn=collator)
 
     # optimizer, distribution, schedule
@@ -147,11 +147,12 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     )
     unwrapped = accelerator.unwrap_model(model)
     engine = backends.deepspeed_engine(accelerator, model)  # None on the accelerate backend
+    method.begin_training(unwrapped, total_steps)
 
     def evaluate() -> dict:
         if not prepared.eval:
             return {}
-        return sft.evaluate(
+        return objective.evaluate(
             unwrapped, prepared.eval, collator, job.train.batch_size, rank, world, accelerator.device,
             lambda t: accelerator.reduce(t, reduction="sum"),
             lockstep=backends.needs_lockstep(engine),
@@ -194,14 +195,16 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
         for batch in batches:
             n_tokens = batch.pop("num_tokens")
             n_labels = (batch["labels"] != -100).sum()
-            padded += batch["input_ids"].numel()
+            padded += batch["input_ids"].numel() if "input_ids" in batch else int(n_tokens)  # cached features
             real += int(n_tokens)
             with accelerator.accumulate(model):
-                loss = sft.loss(model, batch)
+                loss = objective.loss(model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and job.train.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
                 optimizer.step()
+                if accelerator.sync_gradients:
+                    method.after_step(unwrapped, state.step)  # gradients still there (AdaLoRA)
                 optimizer.zero_grad()
             window += torch.stack([loss.detach().double() * n_labels, n_labels.double(), n_tokens.double()])
             state.batches_in_epoch += 1
@@ -253,7 +256,8 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
 
     if last_saved != state.step:  # resumed from the final checkpoint: nothing left to save
         session.report({**base_metrics, "step": state.step}, None, None)
-    return {"step": state.step, "step_times": step_times, "packing_efficiency": real / max(padded, 1), "state": state}
+    return {"step": state.step, "step_times": step_times, "packing_efficiency": real / max(padded, 1), "state": state,
+            "model": unwrapped}
 
 
 def steady_step_time(step_times: list[float]) -> float:

@@ -5,6 +5,19 @@ from __future__ import annotations
 import math
 
 
+def prepare(job, tokenizer, model=None, device=None):
+    """Templated, tokenized (packed) sequences: raylib.data.prepare."""
+    from raylib import data
+
+    return data.prepare(job, tokenizer)
+
+
+def collator(job, tokenizer):
+    from raylib import data
+
+    return data.Collator(tokenizer.pad_token_id, packed=job.data.packing)
+
+
 def loss(model, batch):
     """Mean next-token loss over label tokens of one micro-batch."""
     return model(**batch, use_cache=False).loss
@@ -43,7 +56,9 @@ def evaluate(model, sequences: list[dict], collator, batch_size: int, rank: int,
             batch.pop("num_tokens", None)
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            logits = model(**batch, use_cache=False).logits[:, :-1].float()
+            logits = model(**batch, use_cache=False).logits
+            # prompt/p-tuning prepend virtual-token positions to the logits: keep the real ones
+            logits = logits[:, -labels.size(1):][:, :-1].float()
             target = labels[:, 1:]
             mask = target != -100
             nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum")
