@@ -122,6 +122,10 @@ def _register_commands() -> None:
 
     for command in (tune, cem, params):
         main.add_command(command)
+    from raylib.submit import logs, status, stop, submit
+
+    for command in (submit, status, logs, stop):
+        main.add_command(command)
 
 
 _register_commands()
