@@ -124,7 +124,10 @@ def _register_commands() -> None:
         main.add_command(command)
     from raylib.submit import logs, status, stop, submit
 
-    for command in (submit, status, logs, stop):
+    from raylib.eval_cli import eval_command
+    from raylib.export import export
+
+    for command in (submit, status, logs, stop, eval_command, export):
         main.add_command(command)
 
 
