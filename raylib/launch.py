@@ -141,19 +141,26 @@ def train(
     with open(os.path.join(out, "job.yaml"), "w") as f:
         yaml.safe_dump(job.to_dict(), f, sort_keys=False)
 
+    from raylib.tracking import Tracker, write_loss_curve
+
     connect(address)
     sink = ProgressSink.remote()
     trainer = build_trainer(job, storage_path=out, progress_sink=sink)
     started = time.time()
-    printer = ProgressPrinter(sink, os.path.join(out, "metrics.jsonl"), enabled=show_progress)
+    tracker = Tracker(job, out)
+    printer = ProgressPrinter(sink, os.path.join(out, "metrics.jsonl"), enabled=show_progress, listeners=[tracker])
     try:
         with printer:
             result = trainer.fit()
     except Exception as exc:  # ray.train.TrainingFailedError and friends
+        tracker.close("FAILED")
+        write_loss_curve(out)
         raise TrainingFailed(_failure_summary(exc, out)) from exc
     finally:
         ray.kill(sink)
-    return finish_run(result, out, started)
+    run = finish_run(result, out, started)
+    tracker.close("FINISHED", run.metrics)
+    return run
 
 
 def finish_run(result, out: str, started: float) -> RunResult:
@@ -166,6 +173,9 @@ def finish_run(result, out: str, started: float) -> RunResult:
     publish_expert(os.path.join(ckpt_dir, "expert"), out)
     with open(os.path.join(out, "run.json"), "w") as f:
         json.dump({"checkpoint": ckpt_dir, "expert": out, "metrics": metrics}, f, indent=2, default=str)
+    from raylib.tracking import write_loss_curve
+
+    write_loss_curve(out, ckpt_dir)
     return RunResult(expert_dir=out, checkpoint_dir=ckpt_dir, metrics=metrics)
 
 

@@ -113,6 +113,7 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     torch.manual_seed(job.train.seed)
     accelerator = backends.make_accelerator(job, device_type)
     rank, world = accelerator.process_index, accelerator.num_processes
+    node_ids = _worker_node_ids(world)  # where each rank runs: placement evidence (SPREAD)
 
     # model + method
     tokenizer = models.load_tokenizer(job.model)
@@ -166,6 +167,8 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
         "total_params": total,
         "total_steps": total_steps,
         "world_size": world,
+        "worker_node_ids": ",".join(node_ids),
+        "num_nodes": len(set(node_ids)),
         **prepared.report.as_metrics(),
     }
     session.progress({
@@ -274,6 +277,25 @@ def _checkpoint(session, job, method, model, tokenizer, optimizer, scheduler, st
         checkpointing.save(tmp, method=method, model=model, tokenizer=tokenizer, optimizer=optimizer,
                            scheduler=scheduler, state=state, info=info)
         session.report(metrics, tmp, name)
+
+
+def _worker_node_ids(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (empty outside Ray)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return []
+        node = ray.get_runtime_context().get_node_id()
+    except Exception:
+        return []
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        ids: list = [None] * world
+        dist.all_gather_object(ids, node)
+        return [str(i) for i in ids]
+    return [node]
 
 
 def _quiet_libraries() -> None:
