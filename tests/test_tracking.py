@@ -6,10 +6,13 @@ import glob
 import os
 import struct
 
+import pytest
 from helpers import job_dict
 
 from raylib import launch
 from raylib.config import validate_job
+
+pytestmark = pytest.mark.slow
 
 
 def _tb_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
