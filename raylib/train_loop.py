@@ -174,7 +174,7 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     session.progress({
         "type": "start", "total_steps": total_steps, "step": state.step, "trainable_params": trainable,
         "total_params": total, "eval_loss_before": state.eval_loss_before, "data": prepared.report.summary(),
-        "resumed_from": resume_dir,
+        "resumed_from": resume_dir, "pid": os.getpid(), "node_ids": node_ids,
     })
 
     checkpoint_every = job.train.checkpoint_every
