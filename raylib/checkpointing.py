@@ -10,6 +10,10 @@ Layout of one checkpoint:
 `state.json` is written last: a checkpoint directory without it is incomplete and is never
 resumed from. Ray Train copies the directory to storage and only registers it once the copy
 is complete, so a kill mid-write leaves the previous checkpoint as the latest.
+
+$RAYLIB_CHECKPOINT_WRITE_DELAY_S (fault-injection for tests): sleep that long between the
+weights and the train state, which widens the window in which a checkpoint is half written
+(tests/test_fault_tolerance.py kills the run inside it).
 """
 
 from __future__ import annotations
@@ -44,6 +48,11 @@ def save(ckpt_dir: str, *, method, model, tokenizer, optimizer, scheduler, state
     method.save(model, expert_dir)
     tokenizer.save_pretrained(expert_dir)
     write_expert_json(expert_dir, info)
+    delay = float(os.environ.get("RAYLIB_CHECKPOINT_WRITE_DELAY_S") or 0)
+    if delay:
+        import time
+
+        time.sleep(delay)
     if optimizer is not None:  # DeepSpeed: the engine checkpoint holds the optimizer state
         torch.save(optimizer.state_dict(), os.path.join(state_dir, "optimizer.pt"))
     torch.save(scheduler.state_dict(), os.path.join(state_dir, "scheduler.pt"))

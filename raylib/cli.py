@@ -157,6 +157,13 @@ def _register_commands() -> None:
 
     for command in (tune, cem, params, synth_cls):
         main.add_command(command)
+    from raylib.submit import logs, status, stop, submit
+
+    from raylib.eval_cli import eval_command
+    from raylib.export import export
+
+    for command in (submit, status, logs, stop, eval_command, export):
+        main.add_command(command)
 
 
 _register_commands()

@@ -107,6 +107,9 @@ class OutputConfig(_Strict):
     dir: str = Field(description="run directory: final expert at its root, checkpoints/ inside")
     experiment: str | None = None
     domain: str | None = Field(None, description="domain label written to expert.json")
+    tracking: list[Literal["mlflow", "tensorboard"]] = Field(
+        default_factory=list, description="metric trackers: mlflow (file store under dir/mlruns) and/or tensorboard")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else dir/mlruns")
 
 
 MethodConfig = Annotated[Union[tuple(m.Options for m in METHODS.values())], Field(discriminator="name")]

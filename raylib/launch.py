@@ -174,11 +174,13 @@ def train(
     loc = storage.resolve(out)
     storage.write_text(loc, "job.yaml", yaml.safe_dump(job.to_dict(), sort_keys=False))
 
+    from raylib.tracking import Tracker, write_loss_curve
+
     connect(address)
     sink = ProgressSink.remote()
     trainer = build_trainer(job, storage_path=out, progress_sink=sink)
     started = time.time()
-    staging = storage.staging_dir(loc)  # metrics.jsonl is appended locally, uploaded at the end
+    staging = storage.staging_dir(loc)  # local runs: out itself; remote: a local dir uploaded at the end
     metrics_file = os.path.join(staging, "metrics.jsonl")
     if loc.is_remote:  # start from the run's own log (a resumed run may come from another machine)
         if os.path.exists(metrics_file):
@@ -186,32 +188,52 @@ def train(
         if resume and storage.is_file(loc, "metrics.jsonl"):
             with open(metrics_file, "w") as f:
                 f.write(storage.read_text(loc, "metrics.jsonl"))
-    printer = ProgressPrinter(sink, metrics_file, enabled=show_progress)
+    tracker = Tracker(job, staging)
+    printer = ProgressPrinter(sink, metrics_file, enabled=show_progress, listeners=[tracker])
     try:
         with printer:
             result = trainer.fit()
     except Exception as exc:  # ray.train.TrainingFailedError and friends
-        _upload_metrics(loc, metrics_file)
+        tracker.close("FAILED")
+        write_loss_curve(staging)
+        _upload_run_files(loc, staging)
         raise TrainingFailed(_failure_summary(exc, out)) from exc
     finally:
         ray.kill(sink)
-    _upload_metrics(loc, metrics_file)
-    return finish_run(result, out, started)
+    try:
+        run = finish_run(result, out, started, local_run_dir=staging)
+    except Exception:
+        tracker.close("FAILED")
+        _upload_run_files(loc, staging)
+        raise
+    tracker.close("FINISHED", run.metrics)
+    _upload_run_files(loc, staging)
+    return run
 
 
-def _upload_metrics(loc: storage.Location, metrics_file: str) -> None:
-    if loc.is_remote and os.path.exists(metrics_file):
+def _upload_run_files(loc: storage.Location, staging: str) -> None:
+    """Remote runs: copy what the driver wrote locally (progress log, loss curve, MLflow /
+    TensorBoard files) next to the expert. Local runs wrote them in place."""
+    if not loc.is_remote:
+        return
+    for name in ("metrics.jsonl", "loss_curve.png", "tracking.json", "mlruns", "tensorboard"):
+        path = os.path.join(staging, name)
         try:
-            storage.upload_file(metrics_file, loc, "metrics.jsonl")
+            if os.path.isfile(path):
+                storage.upload_file(path, loc, name)
+            elif os.path.isdir(path):
+                storage.upload_dir(path, loc.join(name))
         except Exception as exc:  # the run's outcome matters more than its progress log
-            log.warning("could not upload %s to %s: %s", metrics_file, loc.uri, exc)
+            log.warning("could not upload %s to %s: %s", path, loc.uri, exc)
 
 
-def finish_run(result, out: str, started: float) -> RunResult:
+def finish_run(result, out: str, started: float, local_run_dir: str | None = None) -> RunResult:
     """A finished Ray Train result -> the expert published at `out` plus run.json.
 
     `out` may be a URI: the final checkpoint's expert is copied there (expert.json last).
     A failure here (a save or upload) is a failed run, never a silent success.
+    `local_run_dir` holds the driver's progress log (the run dir itself for local runs, a
+    staging dir for remote ones): the loss curve is drawn from it.
     """
     import tempfile
 
@@ -241,6 +263,9 @@ def finish_run(result, out: str, started: float) -> RunResult:
             f"{' '.join(str(exc).split())[:400]}. The last checkpoint is intact at {ckpt_dir} "
             f"(its expert/ subdirectory is the trained expert)."
         ) from exc
+    from raylib.tracking import write_loss_curve
+
+    write_loss_curve(local_run_dir or out, ckpt_dir if not loc.is_remote else None)
     return RunResult(expert_dir=out, checkpoint_dir=ckpt_dir, metrics=metrics)
 
 

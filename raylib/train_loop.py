@@ -115,6 +115,7 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     torch.manual_seed(job.train.seed)
     accelerator = backends.make_accelerator(job, device_type)
     rank, world = accelerator.process_index, accelerator.num_processes
+    node_ids = _worker_node_ids(world)  # where each rank runs: placement evidence (SPREAD)
 
     # model + method
     tokenizer = models.load_tokenizer(job.model)
@@ -173,12 +174,14 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
         "total_params": total,
         "total_steps": total_steps,
         "world_size": world,
+        "worker_node_ids": ",".join(node_ids),
+        "num_nodes": len(set(node_ids)),
         **prepared.report.as_metrics(),
     }
     session.progress({
         "type": "start", "total_steps": total_steps, "step": state.step, "trainable_params": trainable,
         "total_params": total, "eval_loss_before": state.eval_loss_before, "data": prepared.report.summary(),
-        "resumed_from": resume_dir,
+        "resumed_from": resume_dir, "pid": os.getpid(), "node_ids": node_ids,
     })
 
     checkpoint_every = job.train.checkpoint_every
@@ -305,6 +308,25 @@ def _expert_info(job, metrics, state) -> ExpertInfo:
         config=job.to_dict(),
         step=state.step,
     )
+
+
+def _worker_node_ids(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (empty outside Ray)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return []
+        node = ray.get_runtime_context().get_node_id()
+    except Exception:
+        return []
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        ids: list = [None] * world
+        dist.all_gather_object(ids, node)
+        return [str(i) for i in ids]
+    return [node]
 
 
 def _quiet_libraries() -> None:

@@ -75,6 +75,12 @@ class Method(ABC):
     def load(self, base_model, src_dir: str):
         """Base model + a saved expert -> model ready for inference."""
 
+    def merge(self, base_model, src_dir: str):
+        """Base model + a saved expert -> a plain HF model with the expert folded into its
+        weights (what `raylib export --merge` saves). Default: load, which suits methods whose
+        expert already is a full model."""
+        return self.load(base_model, src_dir)
+
 
 def _registry() -> dict[str, Method]:
     from raylib.methods.full import FullFineTuning

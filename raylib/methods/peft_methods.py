@@ -155,6 +155,10 @@ class PeftMethod(Method):
 
         return PeftModel.from_pretrained(base_model, src_dir)
 
+    def merge(self, base_model, src_dir: str):
+        """LoRA (and any PEFT adapter with merge support, e.g. IA3) folded into the weights."""
+        return self.load(base_model, src_dir).merge_and_unload()
+
 
 class LoRA(PeftMethod):
     name = "lora"
