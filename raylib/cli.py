@@ -150,19 +150,15 @@ def demo(job_yaml: str, workers: int, overrides: tuple[str, ...]) -> None:
 
 def _register_commands() -> None:
     """Commands that live with their feature's package."""
-    from raylib.params_cli import params
-    from raylib.search.commands import cem, tune
-
     from raylib.cls_cli import synth_cls
-
-    for command in (tune, cem, params, synth_cls):
-        main.add_command(command)
-    from raylib.submit import logs, status, stop, submit
-
     from raylib.eval_cli import eval_command
     from raylib.export import export
+    from raylib.params_cli import params
+    from raylib.search.commands import cem, tune
+    from raylib.serve_cli import serve_command
+    from raylib.submit import logs, status, stop, submit
 
-    for command in (submit, status, logs, stop, eval_command, export):
+    for command in (tune, cem, params, synth_cls, submit, status, logs, stop, eval_command, export, serve_command):
         main.add_command(command)
 
 

@@ -1,0 +1,319 @@
+"""The model side of a serve replica: one base model + one or many experts, and generation.
+
+A replica builds one `Engine`. In multi-deployment mode it holds a single expert; in
+single-device mode it holds every expert and switches per request *without reloading the
+base model*:
+
+- PEFT experts (lora/qlora) become named adapters of one `PeftModel`; a batch may mix them
+  (`generate(..., adapter_names=[...])`, PEFT's mixed-adapter batches, `__base__` = no adapter);
+- SVF experts share one base with `apply_svf`; a request sets that expert's z vectors
+  (`set_z`, an in-place copy) and batches are grouped per expert;
+- full fine-tuned experts are separate models (nothing to share).
+
+The base model (`base`) is the PEFT model with adapters off, or the SVF model with z = 1, or
+a plain copy when there is neither. Generation is `model.generate` with the KV cache; a lock
+keeps one generate at a time per replica (adapter routing and z are per-model state).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+log = logging.getLogger("raylib.serve")
+
+BASE = "base"
+PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
+END_MARKERS = ("### End", "\n\n###")  # the alpaca template's end (see raylib.evaluation)
+
+
+@dataclass
+class GenRequest:
+    expert: str
+    kind: str = "completion"  # completion: `prompt` as is; chat: `messages` in the expert's template
+    prompt: str = ""
+    messages: list[dict] = field(default_factory=list)
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, raw: dict | "GenRequest") -> "GenRequest":
+        return raw if isinstance(raw, GenRequest) else cls(**raw)
+
+
+@dataclass
+class _Slot:
+    """Where an expert lives: which model object and how to select it."""
+
+    family: str  # peft | svf | full | base
+    model: Any
+    template: str
+    z: dict | None = None
+
+
+class Engine:
+    def __init__(self, base_model: str, experts: dict[str, str], base_template: str = "alpaca",
+                 dtype: str = "auto", device: str | None = None, include_base: bool = True):
+        import torch
+
+        from raylib.config import ModelConfig
+        from raylib.experts import read_expert
+        from raylib.models import load_model, load_tokenizer
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        mcfg = ModelConfig(path=base_model, dtype=dtype)
+        self.tokenizer = load_tokenizer(mcfg)
+        self.slots: dict[str, _Slot] = {}
+        self.switch_times: list[float] = []  # seconds per SVF z switch (set_z + weight rebuild)
+        self._lock = threading.Lock()
+        self._current_svf: str | None = None
+        infos = {name: read_expert(path) for name, path in experts.items()}
+        t0 = time.perf_counter()
+
+        def fresh():
+            return load_model(mcfg, self.device).to(self.device).eval()
+
+        peft_names = [n for n, i in infos.items() if i.method in ("lora", "qlora")]
+        svf_names = [n for n, i in infos.items() if i.method == "svf"]
+        if peft_names:
+            from peft import PeftModel
+
+            first = peft_names[0]
+            pm = PeftModel.from_pretrained(fresh(), experts[first], adapter_name=first).eval()
+            for name in peft_names[1:]:
+                pm.load_adapter(experts[name], adapter_name=name)
+            pm.eval()
+            for name in peft_names:
+                self.slots[name] = _Slot("peft", pm, infos[name].template)
+            if include_base:
+                self.slots[BASE] = _Slot("base-peft", pm, base_template)
+        if svf_names:
+            from raylib.methods import svf
+
+            groups: dict[str, list[str]] = {}
+            for name in svf_names:
+                cfg = svf.read_svf_config(experts[name])
+                groups.setdefault(json.dumps([cfg["targets"], cfg["layers"]]), []).append(name)
+            for key, names in groups.items():
+                targets, layers = json.loads(key)
+                model = svf.apply_svf(fresh(), targets, layers, forward="rebuild", model_path=base_model)
+                for name in names:
+                    self.slots[name] = _Slot("svf", model, infos[name].template, z=svf.load_z(experts[name]))
+                if include_base and BASE not in self.slots:
+                    self.slots[BASE] = _Slot("svf", model, base_template, z=None)
+        for name, info in infos.items():
+            if info.method == "full":
+                from raylib.methods import get_method
+
+                self.slots[name] = _Slot("full", get_method("full").load(fresh(), experts[name]).to(self.device).eval(),
+                                         info.template)
+        if include_base and BASE not in self.slots:
+            self.slots[BASE] = _Slot("base", fresh(), base_template)
+        self.load_s = time.perf_counter() - t0
+        log.info("engine: %s loaded in %.2fs", sorted(self.slots), self.load_s)
+
+    # ------------------------------------------------------------------ prompts
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.slots)
+
+    def render(self, req: GenRequest) -> str:
+        """The prompt text: completions as sent; chat via the expert's training template
+        (alpaca: the last user message is the instruction, system text its input)."""
+        if req.kind != "chat":
+            return req.prompt
+        from raylib.data import render_prompt
+
+        template = self.slots[req.expert].template
+        if template == "chat":
+            return self.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+        user = [m["content"] for m in req.messages if m.get("role") == "user"]
+        system = [m["content"] for m in req.messages if m.get("role") == "system"]
+        return render_prompt(template, user[-1] if user else "", "\n".join(system), self.tokenizer)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+    def _stops(self, req: GenRequest) -> list[str]:
+        stops = list(req.stop)
+        if req.kind == "chat" and self.slots[req.expert].template == "alpaca":
+            stops += list(END_MARKERS)
+        return stops
+
+    # ------------------------------------------------------------------ selection
+
+    def _select(self, name: str, batch_names: list[str]) -> tuple[Any, dict]:
+        """Make the model compute as expert `name` (all of `batch_names` for PEFT batches);
+        returns (model, extra generate kwargs)."""
+        slot = self.slots[name]
+        if slot.family in ("peft", "base-peft"):
+            names = [n if self.slots[n].family == "peft" else PEFT_BASE for n in batch_names]
+            return slot.model, {"adapter_names": names}
+        if slot.family == "svf":
+            if self._current_svf != name:
+                from raylib.methods import svf
+
+                t0 = time.perf_counter()
+                svf.set_z(slot.model, slot.z)
+                self._rebuild(slot.model)
+                self.switch_times.append(time.perf_counter() - t0)
+                self._current_svf = name
+            return slot.model, {}
+        return slot.model, {}
+
+    @staticmethod
+    def _rebuild(model) -> None:
+        """Form the adapted weights now (part of the switch, not of the first request)."""
+        import torch
+
+        from raylib.methods import svf
+
+        with torch.no_grad():
+            for m in svf.svf_modules(model).values():
+                if m.mode == "rebuild":
+                    m(torch.zeros(1, m.in_features, dtype=m.U.dtype, device=m.U.device))
+
+    def _group_key(self, req: GenRequest) -> tuple:
+        slot = self.slots[req.expert]
+        model_key = id(slot.model) if slot.family in ("peft", "base-peft") else req.expert
+        return (model_key, req.temperature > 0, req.temperature, req.top_p, tuple(self._stops(req)), req.kind)
+
+    def _gen_kwargs(self, req: GenRequest, max_new: int) -> dict:
+        kw = dict(max_new_tokens=max_new, pad_token_id=self.tokenizer.pad_token_id,
+                  eos_token_id=self.tokenizer.eos_token_id, use_cache=True)
+        if req.temperature > 0:
+            kw.update(do_sample=True, temperature=req.temperature, top_p=req.top_p, top_k=None)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        stops = self._stops(req)
+        if stops:
+            kw.update(stop_strings=stops, tokenizer=self.tokenizer)
+        return kw
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, raw_reqs: list) -> list[dict]:
+        """Non-streaming generation for a batch; requests sharing a model and sampling
+        settings run as one left-padded `generate` call."""
+        reqs = [GenRequest.of(r) for r in raw_reqs]
+        for r in reqs:
+            if r.expert not in self.slots:
+                raise KeyError(f"this replica serves {self.names}, not {r.expert!r}")
+        out: list[dict | None] = [None] * len(reqs)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(reqs):
+            groups.setdefault(self._group_key(r), []).append(i)
+        with self._lock:
+            for idx in groups.values():
+                for i, res in zip(idx, self._generate_group([reqs[i] for i in idx])):
+                    out[i] = res
+        return out  # type: ignore[return-value]
+
+    def _generate_group(self, reqs: list[GenRequest]) -> list[dict]:
+        import torch
+
+        prompts = [self.render(r) for r in reqs]
+        model, extra = self._select(reqs[0].expert, [r.expert for r in reqs])
+        tok = self.tokenizer
+        side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = tok(prompts, return_tensors="pt", padding=True).to(self.device)
+        finally:
+            tok.padding_side = side
+        max_new = max(r.max_tokens for r in reqs)
+        with torch.no_grad():
+            seqs = model.generate(**enc, **self._gen_kwargs(reqs[0], max_new), **extra)
+        width = enc["input_ids"].shape[1]
+        results = []
+        for j, r in enumerate(reqs):
+            comp = seqs[j][width:].tolist()[: r.max_tokens]
+            finish = "length"
+            if tok.eos_token_id in comp:
+                comp = comp[: comp.index(tok.eos_token_id)]
+                finish = "stop"
+            while comp and comp[-1] == tok.pad_token_id:
+                comp.pop()
+            text, cut = _cut(tok.decode(comp, skip_special_tokens=True), self._stops(r))
+            if cut:
+                finish = "stop"
+            if r.kind == "chat":
+                text = text.strip()
+            results.append({"text": text, "finish_reason": finish, "expert": r.expert,
+                            "prompt_tokens": int(enc["attention_mask"][j].sum()), "completion_tokens": len(comp)})
+        return results
+
+    def stream(self, raw_req) -> Iterator[dict]:
+        """Streaming generation of one request: yields {"delta": text} pieces as tokens come
+        out of `generate` (TextIteratorStreamer), then a final {"finish_reason", usage...}."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        req = GenRequest.of(raw_req)
+        if req.expert not in self.slots:
+            raise KeyError(f"this replica serves {self.names}, not {req.expert!r}")
+        stops = self._stops(req)
+        hold = max((len(s) for s in stops), default=1) - 1
+        with self._lock:
+            prompt = self.render(req)
+            model, extra = self._select(req.expert, [req.expert])
+            enc = self.tokenizer(prompt, return_tensors="pt").to(self.device)
+            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            kwargs = {**enc, **self._gen_kwargs(req, req.max_tokens), **extra, "streamer": streamer}
+            result: dict = {}
+
+            def run():
+                try:
+                    with torch.no_grad():
+                        result["seq"] = model.generate(**kwargs)
+                except BaseException as exc:  # surfaced after the stream ends
+                    result["error"] = exc
+                    streamer.end()
+
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            text, sent, stopped = "", 0, False
+            for piece in streamer:
+                if stopped:
+                    continue  # drain: generate stops at the stop string by itself
+                text += piece
+                visible, cut = _cut(text, stops)
+                if req.kind == "chat":
+                    visible = visible.lstrip()
+                if cut:
+                    stopped = True
+                    end = len(visible.rstrip()) if req.kind == "chat" else len(visible)
+                else:
+                    end = max(sent, len(visible) - hold)
+                    if req.kind == "chat":  # trailing space may turn out to be the end (stripped)
+                        end = max(sent, min(end, len(visible.rstrip())))
+                if end > sent:
+                    yield {"delta": visible[sent:end]}
+                    sent = end
+            thread.join()
+            if "error" in result:
+                raise result["error"]
+            visible, cut = _cut(text, stops)
+            if req.kind == "chat":
+                visible = visible.strip()
+            if len(visible) > sent:
+                yield {"delta": visible[sent:]}
+            comp = result["seq"][0][enc["input_ids"].shape[1]:].tolist()
+            finish = "stop" if cut or self.tokenizer.eos_token_id in comp else "length"
+            if self.tokenizer.eos_token_id in comp:
+                comp = comp[: comp.index(self.tokenizer.eos_token_id)]
+            yield {"finish_reason": finish, "expert": req.expert, "prompt_tokens": enc["input_ids"].shape[1],
+                   "completion_tokens": len(comp)}
+
+
+def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` up to the first stop string, and whether one was found."""
+    first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:first], True) if first >= 0 else (text, False)
