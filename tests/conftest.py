@@ -33,10 +33,11 @@ def demo_data(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for every test that trains through Ray Train (stopped at the end)."""
+    """One local Ray for every test that trains through Ray Train (stopped at the end); always a
+    fresh one (`address="local"`), never a `ray start` cluster another test or user left running."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}})
+    ray.init(address="local", num_cpus=2, include_dashboard=True, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}})
     yield ray
     ray.shutdown()
 
