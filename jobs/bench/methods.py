@@ -43,9 +43,9 @@ VARIANTS: dict[str, tuple[dict, float, bool]] = {
     "ptuning": ({"name": "ptuning", "num_virtual_tokens": 8, "encoder_hidden_size": 64}, 1e-2, False),
     "prompt": ({"name": "prompt", "num_virtual_tokens": 8, "init": "text", "init_text": "Answer the request."}, 3e-2, False),
     "svf": ({"name": "svf", "targets": "mlp"}, 5e-3, False),
-    "heads (cached)": ({"name": "heads", "tasks": HEADS_TASKS, "cache_features": True}, 5e-2, True),
-    "heads (no cache)": ({"name": "heads", "tasks": HEADS_TASKS, "cache_features": False}, 5e-2, True),
-    "heads+lora": ({"name": "heads", "tasks": HEADS_TASKS, "lora": {"r": 4}}, 5e-2, True),
+    "heads (cached)": ({"name": "heads", "tasks": HEADS_TASKS, "cache_features": True}, 2e-2, True),
+    "heads (no cache)": ({"name": "heads", "tasks": HEADS_TASKS, "cache_features": False}, 2e-2, True),
+    "heads+lora": ({"name": "heads", "tasks": HEADS_TASKS, "lora": {"r": 4}}, 2e-2, True),
 }
 
 
