@@ -7,7 +7,7 @@ synthetic classification rows (the same rows' text, labelled by task), once with
 backbone features (the fast path) and once with the full forward per step, which gives the
 cached-features speed-up. Prints one table, then one JSON line.
 
-    python jobs/bench/methods.py [--repeats 3] [--steps 20] [--threads 1] [--methods lora,adalora]
+    python jobs/bench/methods.py [--repeats 3] [--steps 20] [--threads 1] [--batch-size 4] [--methods lora,adalora]
 
 Columns: trainable params, median steady step time (ms) and its ratio to lora in the same
 round, peak RSS of the process (MiB), eval loss before -> after.
@@ -43,13 +43,13 @@ VARIANTS: dict[str, tuple[dict, float, bool]] = {
     "ptuning": ({"name": "ptuning", "num_virtual_tokens": 8, "encoder_hidden_size": 64}, 1e-2, False),
     "prompt": ({"name": "prompt", "num_virtual_tokens": 8, "init": "text", "init_text": "Answer the request."}, 3e-2, False),
     "svf": ({"name": "svf", "targets": "mlp"}, 5e-3, False),
-    "heads (cached)": ({"name": "heads", "tasks": HEADS_TASKS, "cache_features": True}, 5e-2, True),
-    "heads (no cache)": ({"name": "heads", "tasks": HEADS_TASKS, "cache_features": False}, 5e-2, True),
-    "heads+lora": ({"name": "heads", "tasks": HEADS_TASKS, "lora": {"r": 4}}, 5e-2, True),
+    "heads (cached)": ({"name": "heads", "tasks": HEADS_TASKS, "cache_features": True}, 2e-2, True),
+    "heads (no cache)": ({"name": "heads", "tasks": HEADS_TASKS, "cache_features": False}, 2e-2, True),
+    "heads+lora": ({"name": "heads", "tasks": HEADS_TASKS, "lora": {"r": 4}}, 2e-2, True),
 }
 
 
-def one(name: str, work: str, steps: int, threads: int) -> dict:
+def one(name: str, work: str, steps: int, threads: int, batch_size: int = 4) -> dict:
     """Run one variant in this process; return its figures."""
     import resource
 
@@ -72,7 +72,7 @@ def one(name: str, work: str, steps: int, threads: int) -> dict:
         "data": {"train": data["train"], "eval": data["eval"], "max_length": 256 if not classification else 64,
                  "packing": False},
         "method": method,
-        "train": {"lr": lr, "max_steps": steps, "batch_size": 4, "checkpoint_every": 0},
+        "train": {"lr": lr, "max_steps": steps, "batch_size": batch_size, "checkpoint_every": 0},
         "output": {"dir": os.path.join(work, "out")},
     }
     if classification:
@@ -96,13 +96,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--methods", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--work-dir", default=None)
     args = ap.parse_args()
     work = args.work_dir or tempfile.mkdtemp(prefix="raylib-bench-methods-")
     if args.one:
-        print("RESULT " + json.dumps(one(args.one, work, args.steps, args.threads)), flush=True)
+        print("RESULT " + json.dumps(one(args.one, work, args.steps, args.threads, args.batch_size)), flush=True)
         return
 
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
@@ -114,6 +115,7 @@ def main() -> None:
         for n in names:  # interleaved: every round runs every method once
             proc = subprocess.run(
                 [sys.executable, __file__, "--one", n, "--steps", str(args.steps), "--threads", str(args.threads),
+                 "--batch-size", str(args.batch_size),
                  "--work-dir", os.path.join(work, f"{r}-{n.replace(' ', '_')}")],
                 capture_output=True, text=True, env=env,
             )
@@ -168,7 +170,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "methods",
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, CPU only",
-        "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
+        "steps": args.steps, "repeats": args.repeats, "threads": args.threads, "batch_size": args.batch_size,
         "heads_cache_speedup": speedup,
         "rows": rows,
     }, default=lambda v: round(v, 4) if isinstance(v, float) else v))
