@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import yaml
@@ -26,7 +27,8 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABL
 CLUSTER_SCRIPT = """
 import json, sys, ray
 from ray.cluster_utils import Cluster
-c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1"})
+c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1",
+                                                        "include_dashboard": False})
 c.add_node(num_cpus=2, node_ip_address="127.0.0.1")
 c.wait_for_nodes()
 ray.init(address=c.address, logging_level="ERROR")
@@ -42,11 +44,12 @@ c.shutdown()
 def two_nodes():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(LOOPBACK_ENV)
+    log = tempfile.NamedTemporaryFile(prefix="ray-2nodes-", suffix=".log", delete=False)
     proc = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT], env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
     try:
         line = proc.stdout.readline()
-        assert line, "the 2-node cluster did not start"
+        assert line, f"the 2-node cluster did not start: {open(log.name).read()[-3000:]}"
         info = json.loads(line)
         assert len(info["nodes"]) == 2, info
         yield info["address"], info["nodes"], env
