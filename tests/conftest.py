@@ -36,6 +36,6 @@ def ray_session():
     """One local Ray for every test that trains through Ray Train (stopped at the end)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}})
+    ray.init(address="local", num_cpus=2, include_dashboard=True, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}})
     yield ray
     ray.shutdown()
