@@ -1,4 +1,4 @@
-"""Two Ray nodes on one machine (`ray start --head` + `ray start --address`, both on 127.0.0.1):
+"""Two Ray nodes on one machine (ray.cluster_utils.Cluster, both on 127.0.0.1):
 a 2-worker SPREAD job whose workers run on different nodes, and a Tune search whose trials do."""
 
 from __future__ import annotations
@@ -9,69 +9,65 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 import yaml
-from helpers import RayHead, free_port, job_dict, run_cli, write_job
+from helpers import job_dict, run_cli, write_job
 
 pytestmark = pytest.mark.slow
 
 
-class RayNode:
-    """`ray start --address HEAD --block`: a second node joining the head (own ports)."""
+# Ray rewrites a 127.0.0.1 cluster address to the machine's interface address when a second
+# node or a driver joins (services.resolve_ip_for_localhost), where a loopback-bound GCS does
+# not listen. With this variable off, Ray keeps every address on 127.0.0.1 (it also disables
+# `ray start --address`, so the nodes come from ray.cluster_utils.Cluster, Ray's own tool for
+# multi-node clusters on one machine).
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
-    def __init__(self, head: RayHead, num_cpus: int):
-        bin_dir = os.path.dirname(sys.executable)
-        ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
-                 "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-                 "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port()}
-        cmd = [os.path.join(bin_dir, "ray"), "start", f"--address={head.address}", "--block",
-               "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", *[f"{k}={v}" for k, v in ports.items()]]
-        self.log = tempfile.NamedTemporaryFile(prefix="ray-node-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(cmd, env=head.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-
-
-def _alive_nodes(head: RayHead) -> list[str]:
-    code = ("import ray; ray.init(address=%r, logging_level='ERROR');"
-            "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))" % head.address)
-    proc = subprocess.run([sys.executable, "-c", code], env=head.env, capture_output=True, text=True, timeout=120)
-    return proc.stdout.split()
+CLUSTER_SCRIPT = """
+import json, sys, ray
+from ray.cluster_utils import Cluster
+c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1",
+                                                        "include_dashboard": False})
+c.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+c.wait_for_nodes()
+ray.init(address=c.address, logging_level="ERROR")
+nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+ray.shutdown()
+print(json.dumps({"address": c.address, "nodes": nodes}), flush=True)
+sys.stdin.read()  # runs until the test closes stdin
+c.shutdown()
+"""
 
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    head = RayHead(num_cpus=2)
-    node = RayNode(head, num_cpus=2)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(LOOPBACK_ENV)
+    log = tempfile.NamedTemporaryFile(prefix="ray-2nodes-", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
     try:
-        deadline = time.time() + 180
-        nodes = []
-        while time.time() < deadline and len(nodes) < 2:
-            assert node.proc.poll() is None, open(node.log.name).read()[-3000:]
-            nodes = _alive_nodes(head)
-            time.sleep(1)
-        assert len(nodes) == 2, nodes
-        yield head, nodes
+        line = proc.stdout.readline()
+        assert line, f"the 2-node cluster did not start: {open(log.name).read()[-3000:]}"
+        info = json.loads(line)
+        assert len(info["nodes"]) == 2, info
+        yield info["address"], info["nodes"], env
     finally:
-        node.stop()
-        head.stop()
+        try:
+            proc.stdin.close()
+            proc.wait(timeout=120)
+        except Exception:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_spread_job_runs_its_workers_on_different_nodes(two_nodes, tiny_model, demo_data, tmp_path):
-    head, nodes = two_nodes
+    address, nodes, env = two_nodes
     out = str(tmp_path / "spread")
     job = write_job(tmp_path / "job.yaml", job_dict(
         tiny_model, demo_data, out, train={"max_steps": 4, "checkpoint_every": 2},
         scaling={"num_workers": 2, "placement_strategy": "SPREAD", "resources_per_worker": {"CPU": 1}}))
-    proc = run_cli("train", job, "--address", head.address, "--quiet", env=head.env, timeout=600)
+    proc = run_cli("train", job, "--address", address, "--quiet", env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     metrics = json.load(open(os.path.join(out, "run.json")))["metrics"]
     ids = metrics["worker_node_ids"].split(",")
@@ -80,7 +76,7 @@ def test_spread_job_runs_its_workers_on_different_nodes(two_nodes, tiny_model, d
 
 
 def test_tune_trials_spread_over_nodes(two_nodes, tiny_model, demo_data, tmp_path):
-    head, nodes = two_nodes
+    address, nodes, env = two_nodes
     # each trial's single Train worker takes a whole node (2 CPUs): two concurrent trials
     # can only run side by side if Tune places them on different nodes
     job = write_job(tmp_path / "job.yaml", job_dict(
@@ -90,7 +86,7 @@ def test_tune_trials_spread_over_nodes(two_nodes, tiny_model, demo_data, tmp_pat
     search.write_text(yaml.safe_dump({"space": {"train.lr": "grid [1.0e-3, 3.0e-3]"}, "metric": "eval_loss",
                                       "mode": "min", "algorithm": "grid", "max_concurrent": 2,
                                       "scheduler": {"name": "none"}}))
-    proc = run_cli("tune", job, "--search", str(search), "--address", head.address, env=head.env, timeout=900)
+    proc = run_cli("tune", job, "--search", str(search), "--address", address, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     trials_dir = str(tmp_path / "base-search" / "trials")
     trial_nodes = {}
