@@ -79,8 +79,21 @@ def build_optimizer(model, train_cfg):
 
 # --------------------------------------------------------------------------- deepspeed
 
-#: methods that cannot run under DeepSpeed, with the reason (ConfigError before Ray starts)
-DEEPSPEED_UNSUPPORTED: dict[str, str] = {}
+#: (method, ZeRO stage) pairs that cannot run under DeepSpeed, with the reason (a ConfigError
+#: before Ray starts). Every other method of the registry runs on both stages (tests/test_backends.py).
+DEEPSPEED_UNSUPPORTED: dict[tuple[str, int], str] = {
+    ("qlora", 3): (
+        "ZeRO-3 partitions parameters while the model loads (zero.Init), and transformers refuses the "
+        "device_map that places bitsandbytes 4-bit weights ('DeepSpeed Zero-3 is not compatible with "
+        "passing a device_map'); the frozen 4-bit base is small anyway, so ZeRO-2 (partitioned LoRA "
+        "optimizer state and gradients) is the stage for QLoRA"
+    ),
+}
+
+
+def deepspeed_unsupported(method: str, stage: int) -> str | None:
+    """Why `method` cannot run under ZeRO `stage`, or None when it can."""
+    return DEEPSPEED_UNSUPPORTED.get((method, stage))
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -175,10 +188,13 @@ def check(job) -> None:
         raise ConfigError("backend.name", f"objective {job.objective.name!r} has its own loop (rollouts, TRL for grpo), "
                           "which is not run or tested under DeepSpeed; the DeepSpeed backend runs the SFT loop",
                           "use backend.name: accelerate with this objective")
-    reason = DEEPSPEED_UNSUPPORTED.get(job.method.name)
+    reason = deepspeed_unsupported(job.method.name, b.zero_stage)
     if reason:
-        raise ConfigError("backend.name", f"method {job.method.name!r} cannot run under DeepSpeed: {reason}",
-                          "use backend.name: accelerate for this method")
+        other = 2 if b.zero_stage == 3 else 3
+        fix = ("use backend.name: accelerate for this method" if deepspeed_unsupported(job.method.name, other)
+               else f"set backend.zero_stage: {other}, or use backend.name: accelerate")
+        raise ConfigError("backend.zero_stage", f"method {job.method.name!r} cannot run under DeepSpeed ZeRO-{b.zero_stage}: "
+                          f"{reason}", fix)
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
