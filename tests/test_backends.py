@@ -254,10 +254,11 @@ def _matrix_method(name: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_on_deepspeed(name, stage, ray_session, tiny_model, demo_data, tmp_path):
+def test_every_method_on_deepspeed(name, stage, request, tiny_model, demo_data, tmp_path):
     if backends.deepspeed_unsupported(name, stage):
         pytest.skip(f"{name} cannot run under ZeRO-{stage} (a ConfigError, tested above): "
                     f"{backends.deepspeed_unsupported(name, stage)}")
+    request.getfixturevalue("ray_session")
     job = _ds_job(tiny_model, demo_data, str(tmp_path / "run"), stage, method=_matrix_method(name),
                   train={"max_steps": 4, "checkpoint_every": 0, "lr": 3e-3 if name != "full" else 1e-3})
     result = launch.train(job, show_progress=False)
