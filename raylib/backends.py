@@ -236,6 +236,7 @@ def make_deepspeed_accelerator(job, device_type: str):
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl")
+    prepare_cpu_ops(device_type)
     AcceleratorState._reset_state(True)
     config = deepspeed_config(job, torch.distributed.get_world_size(), device_type)
     plugin = DeepSpeedPlugin(hf_ds_config=config)
@@ -333,3 +334,34 @@ def print_deepspeed_config(job, local: bool = False, stream=None) -> None:
     world = 1 if local else job.scaling.num_workers
     json.dump(deepspeed_config(job, world, "cuda" if use_gpu else "cpu"), stream or sys.stdout, indent=2)
     print(file=stream or sys.stdout)
+
+
+def prepare_cpu_ops(device_type: str) -> None:
+    """Build/load DeepSpeed's CPU shared-memory comm op safely before DeepSpeed does.
+
+    DeepSpeed JIT-builds the op through torch's cpp_extension, whose lock is a plain file
+    ("baton"): a worker killed while holding it (a failed run, Ray restarting workers)
+    leaves the file behind and every later DeepSpeed process waits on it forever. Here the
+    check runs under an OS lock (released when its holder dies); a baton found while we
+    hold it is stale and is removed. DeepSpeed's own later load then finds the op built.
+    """
+    if device_type != "cpu":
+        return
+    import logging
+
+    import filelock
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return
+    build_dir = _get_build_directory(builder.name, verbose=False)
+    with filelock.FileLock(os.path.join(build_dir, "raylib-build.lock"), timeout=900):
+        baton = os.path.join(build_dir, "lock")
+        if os.path.exists(baton):
+            logging.getLogger("raylib.backends").warning("removing a stale DeepSpeed build lock %s", baton)
+            os.remove(baton)
+        from deepspeed.comm.torch import build_shm_op
+
+        build_shm_op()
