@@ -79,8 +79,21 @@ def build_optimizer(model, train_cfg):
 
 # --------------------------------------------------------------------------- deepspeed
 
-#: methods that cannot run under DeepSpeed, with the reason (ConfigError before Ray starts)
-DEEPSPEED_UNSUPPORTED: dict[str, str] = {}
+#: (method, ZeRO stage) pairs that cannot run under DeepSpeed, with the reason (a ConfigError
+#: before Ray starts). Every other method of the registry runs on both stages (tests/test_backends.py).
+DEEPSPEED_UNSUPPORTED: dict[tuple[str, int], str] = {
+    ("qlora", 3): (
+        "ZeRO-3 partitions parameters while the model loads (zero.Init), and transformers refuses the "
+        "device_map that places bitsandbytes 4-bit weights ('DeepSpeed Zero-3 is not compatible with "
+        "passing a device_map'); the frozen 4-bit base is small anyway, so ZeRO-2 (partitioned LoRA "
+        "optimizer state and gradients) is the stage for QLoRA"
+    ),
+}
+
+
+def deepspeed_unsupported(method: str, stage: int) -> str | None:
+    """Why `method` cannot run under ZeRO `stage`, or None when it can."""
+    return DEEPSPEED_UNSUPPORTED.get((method, stage))
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -175,10 +188,13 @@ def check(job) -> None:
         raise ConfigError("backend.name", f"objective {job.objective.name!r} has its own loop (rollouts, TRL for grpo), "
                           "which is not run or tested under DeepSpeed; the DeepSpeed backend runs the SFT loop",
                           "use backend.name: accelerate with this objective")
-    reason = DEEPSPEED_UNSUPPORTED.get(job.method.name)
+    reason = deepspeed_unsupported(job.method.name, b.zero_stage)
     if reason:
-        raise ConfigError("backend.name", f"method {job.method.name!r} cannot run under DeepSpeed: {reason}",
-                          "use backend.name: accelerate for this method")
+        other = 2 if b.zero_stage == 3 else 3
+        fix = ("use backend.name: accelerate for this method" if deepspeed_unsupported(job.method.name, other)
+               else f"set backend.zero_stage: {other}, or use backend.name: accelerate")
+        raise ConfigError("backend.zero_stage", f"method {job.method.name!r} cannot run under DeepSpeed ZeRO-{b.zero_stage}: "
+                          f"{reason}", fix)
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
@@ -220,6 +236,7 @@ def make_deepspeed_accelerator(job, device_type: str):
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl")
+    prepare_cpu_ops(device_type)
     AcceleratorState._reset_state(True)
     config = deepspeed_config(job, torch.distributed.get_world_size(), device_type)
     plugin = DeepSpeedPlugin(hf_ds_config=config)
@@ -317,3 +334,34 @@ def print_deepspeed_config(job, local: bool = False, stream=None) -> None:
     world = 1 if local else job.scaling.num_workers
     json.dump(deepspeed_config(job, world, "cuda" if use_gpu else "cpu"), stream or sys.stdout, indent=2)
     print(file=stream or sys.stdout)
+
+
+def prepare_cpu_ops(device_type: str) -> None:
+    """Build/load DeepSpeed's CPU shared-memory comm op safely before DeepSpeed does.
+
+    DeepSpeed JIT-builds the op through torch's cpp_extension, whose lock is a plain file
+    ("baton"): a worker killed while holding it (a failed run, Ray restarting workers)
+    leaves the file behind and every later DeepSpeed process waits on it forever. Here the
+    check runs under an OS lock (released when its holder dies); a baton found while we
+    hold it is stale and is removed. DeepSpeed's own later load then finds the op built.
+    """
+    if device_type != "cpu":
+        return
+    import logging
+
+    import filelock
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return
+    build_dir = _get_build_directory(builder.name, verbose=False)
+    with filelock.FileLock(os.path.join(build_dir, "raylib-build.lock"), timeout=900):
+        baton = os.path.join(build_dir, "lock")
+        if os.path.exists(baton):
+            logging.getLogger("raylib.backends").warning("removing a stale DeepSpeed build lock %s", baton)
+            os.remove(baton)
+        from deepspeed.comm.torch import build_shm_op
+
+        build_shm_op()

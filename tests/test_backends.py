@@ -90,11 +90,13 @@ def test_bad_backend_options_are_config_errors(backend, extra, field, text):
     assert field in str(err.value) and text in str(err.value), str(err.value)
 
 
-@pytest.mark.parametrize("name", sorted(backends.DEEPSPEED_UNSUPPORTED))
-def test_methods_that_cannot_run_under_deepspeed_fail_up_front(name, tiny_model, demo_data, tmp_path):
-    raw = job_dict(tiny_model, demo_data, str(tmp_path / "o"), method={"name": name}, backend={"name": "deepspeed"})
-    with pytest.raises(ConfigError, match=f"method '{name}' cannot run under DeepSpeed"):
+@pytest.mark.parametrize("name, stage", sorted(backends.DEEPSPEED_UNSUPPORTED))
+def test_methods_that_cannot_run_under_deepspeed_fail_up_front(name, stage, tiny_model, demo_data, tmp_path):
+    raw = job_dict(tiny_model, demo_data, str(tmp_path / "o"), method={"name": name},
+                   backend={"name": "deepspeed", "zero_stage": stage})
+    with pytest.raises(ConfigError, match=f"method '{name}' cannot run under DeepSpeed ZeRO-{stage}") as err:
         validate_job(raw)
+    assert "backend.zero_stage" in str(err.value) and "fix:" in str(err.value)
 
 
 def test_print_deepspeed_config_cli(tiny_model, demo_data, tmp_path):
@@ -252,9 +254,11 @@ def _matrix_method(name: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_on_deepspeed(name, stage, ray_session, tiny_model, demo_data, tmp_path):
-    if name in backends.DEEPSPEED_UNSUPPORTED:
-        pytest.skip(f"{name} cannot run under DeepSpeed: {backends.DEEPSPEED_UNSUPPORTED[name]} (tested as a ConfigError)")
+def test_every_method_on_deepspeed(name, stage, request, tiny_model, demo_data, tmp_path):
+    if backends.deepspeed_unsupported(name, stage):
+        pytest.skip(f"{name} cannot run under ZeRO-{stage} (a ConfigError, tested above): "
+                    f"{backends.deepspeed_unsupported(name, stage)}")
+    request.getfixturevalue("ray_session")
     job = _ds_job(tiny_model, demo_data, str(tmp_path / "run"), stage, method=_matrix_method(name),
                   train={"max_steps": 4, "checkpoint_every": 0, "lr": 3e-3 if name != "full" else 1e-3})
     result = launch.train(job, show_progress=False)
