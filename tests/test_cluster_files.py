@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import sys
 import shlex
 
 import pytest
@@ -113,12 +114,29 @@ def test_kuberay_rayservice_names_the_serve_app():
     assert app["import_path"] == "serve.app:build_app"
     module, func = app["import_path"].split(":")
     path = os.path.join(REPO, *module.split(".")) + ".py"
-    if not os.path.isfile(path):
-        pytest.skip("serve/app.py is not in this checkout yet (the serve issue adds it)")
     tree = ast.parse(open(path).read())
     names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
     names |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
     assert func in names, f"{path} defines no {func}"
+    # build_app(args) takes a raylib serve config file on the shared volume
+    assert app["args"]["config"].startswith("/shared/")
+
+
+def test_serve_config_file_names_a_valid_raylib_serve_config():
+    """serve/serve_config.yaml (serve run / serve deploy) points build_app at serve/config.yaml,
+    which must pass raylib's serve-config schema."""
+    sys_path = list(sys.path)
+    sys.path.insert(0, REPO)
+    try:
+        from serve.config import load_serve_config
+    finally:
+        sys.path[:] = sys_path
+    doc = yaml.safe_load(open(os.path.join(REPO, "serve", "serve_config.yaml")))
+    (app,) = doc["applications"]
+    assert app["import_path"] == "serve.app:build_app"
+    cfg_path = os.path.join(REPO, app["args"]["config"])
+    assert os.path.isfile(cfg_path)
+    load_serve_config(cfg_path, [], check_paths=False)  # the experts are trained by the user (README)
 
 
 def test_runtime_env_example():
