@@ -5,7 +5,8 @@
 
 Inside a Ray job, $RAY_ADDRESS points at the cluster, so the Ray Train workers are placed on
 its nodes. Use an absolute (shared) path or a URI for output.dir: the job's working_dir is a
-temporary copy that Ray deletes.
+temporary copy that Ray deletes. Any failure (invalid job, a worker, a reward function, the
+final save or upload) exits non-zero, so `ray job status` reports FAILED.
 """
 
 import os
@@ -15,6 +16,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from raylib.cli import main  # noqa: E402
+from raylib.job_entry import argv_with_job_file  # noqa: E402
 
 if __name__ == "__main__":
-    main(["train", *sys.argv[1:]], prog_name="jobs/finetune.py")
+    # `--job-env VAR`: the job YAML is in $VAR (how `raylib submit` sends it)
+    main(["train", *argv_with_job_file(sys.argv[1:])], prog_name="jobs/finetune.py")

@@ -2,9 +2,26 @@
 
 `accelerate` (the default) wraps the model in DDP over the process group Ray Train already
 set up (gloo on CPU, NCCL on GPU), with mixed precision and gradient accumulation.
+
+`deepspeed` is the same Accelerate loop with Accelerate's `DeepSpeedPlugin`: `prepare` hands
+model + optimizer to `deepspeed.initialize` (ZeRO stage 2 or 3, optional CPU offload), and
+`accelerator.backward` runs `engine.backward` + `engine.step`. The DeepSpeed config is
+generated from the job by `deepspeed_config` (a pure function, printed by
+`raylib train --print-deepspeed-config`) with the user's `backend.config` deep-merged on top.
+
+The optimizer stays ours (`build_optimizer`: AdamW, SGD, bitsandbytes 8-bit / paged 8-bit
+AdamW for QLoRA) and is passed to DeepSpeed as a client optimizer, and so does our LR
+scheduler: that keeps every method's optimizer choice and the checkpoint format of the
+scheduler identical on both backends. DeepSpeed's own optimizer/scheduler can still be
+chosen through the escape hatch (`backend.config: {optimizer: ..., scheduler: ...}`).
 """
 
 from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
 
 
 def resolve_mixed_precision(setting: str, device_type: str) -> str:
@@ -19,6 +36,8 @@ def resolve_mixed_precision(setting: str, device_type: str) -> str:
 
 
 def make_accelerator(job, device_type: str):
+    if job.backend.name == "deepspeed":
+        return make_deepspeed_accelerator(job, device_type)
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
@@ -56,3 +75,293 @@ def build_optimizer(model, train_cfg):
     if name == "paged_adamw_8bit":
         return bnb.optim.PagedAdamW8bit(groups, lr=train_cfg.lr)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+# --------------------------------------------------------------------------- deepspeed
+
+#: (method, ZeRO stage) pairs that cannot run under DeepSpeed, with the reason (a ConfigError
+#: before Ray starts). Every other method of the registry runs on both stages (tests/test_backends.py).
+DEEPSPEED_UNSUPPORTED: dict[tuple[str, int], str] = {
+    ("qlora", 3): (
+        "ZeRO-3 partitions parameters while the model loads (zero.Init), and transformers refuses the "
+        "device_map that places bitsandbytes 4-bit weights ('DeepSpeed Zero-3 is not compatible with "
+        "passing a device_map'); the frozen 4-bit base is small anyway, so ZeRO-2 (partitioned LoRA "
+        "optimizer state and gradients) is the stage for QLoRA"
+    ),
+}
+
+
+def deepspeed_unsupported(method: str, stage: int) -> str | None:
+    """Why `method` cannot run under ZeRO `stage`, or None when it can."""
+    return DEEPSPEED_UNSUPPORTED.get((method, stage))
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """`override` on top of `base`, recursing into nested dicts (a new dict; inputs untouched)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def user_deepspeed_config(backend) -> dict:
+    """`backend.config`: an inline dict, or the path of a JSON (or YAML) file holding one."""
+    cfg = backend.config
+    if cfg is None:
+        return {}
+    if isinstance(cfg, dict):
+        return cfg
+    from raylib.errors import ConfigError
+
+    if not os.path.isfile(cfg):
+        raise ConfigError("backend.config", f"{cfg!r} does not exist", "give the path of a DeepSpeed JSON config, or an inline mapping")
+    with open(cfg) as f:
+        text = f.read()
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError("backend.config", f"{cfg} is neither JSON nor YAML: {exc}".replace("\n", " ")) from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError("backend.config", f"{cfg} must hold a JSON object (DeepSpeed config keys)")
+    return loaded
+
+
+def deepspeed_config(job, world_size: int | None = None, device_type: str = "cpu") -> dict[str, Any]:
+    """The DeepSpeed config for `job` on `world_size` workers, user JSON merged on top.
+
+    Generated: micro batch = train.batch_size, accumulation = train.grad_accum, global batch =
+    micro x accumulation x world, bf16/fp16 from backend.mixed_precision (resolved for
+    `device_type` like the Accelerate backend), gradient_clipping = train.max_grad_norm,
+    ZeRO stage and offload from the backend keys. Client optimizers are allowed (ours, see
+    the module docstring), also with offload.
+    """
+    b, t = job.backend, job.train
+    world = world_size or job.scaling.num_workers
+    precision = resolve_mixed_precision(b.mixed_precision, device_type)
+    zero: dict[str, Any] = {"stage": b.zero_stage}
+    if b.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+    if b.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+    if b.zero_stage == 3:
+        # one full 16-bit state dict on rank 0 at save time: lets us write consolidated outputs
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    generated = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * world,
+        "gradient_clipping": t.max_grad_norm or 0.0,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # our optimizer (torch / bitsandbytes) as client optimizer
+        "zero_force_ds_cpu_optimizer": False,  # ... also under optimizer offload
+        "steps_per_print": 10**9,  # progress is ours; DeepSpeed's own step log is noise
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(generated, user_deepspeed_config(b))
+
+
+def check(job) -> None:
+    """Driver-side backend validation (ConfigError naming the field and the fix)."""
+    from raylib.errors import ConfigError
+
+    b = job.backend
+    if b.name != "deepspeed":
+        for key in ("zero_stage", "offload_optimizer", "offload_params", "config"):
+            if key in b.model_fields_set:
+                raise ConfigError(f"backend.{key}", f"is a DeepSpeed option, but backend.name is {b.name!r}",
+                                  f"set backend.name: deepspeed, or remove backend.{key}")
+        return
+    if b.offload_params and b.zero_stage != 3:
+        raise ConfigError("backend.offload_params", f"parameter offload needs ZeRO stage 3 (zero_stage is {b.zero_stage})",
+                          "set backend.zero_stage: 3, or remove backend.offload_params")
+    if job.objective.name != "sft":
+        raise ConfigError("backend.name", f"objective {job.objective.name!r} has its own loop (rollouts, TRL for grpo), "
+                          "which is not run or tested under DeepSpeed; the DeepSpeed backend runs the SFT loop",
+                          "use backend.name: accelerate with this objective")
+    reason = deepspeed_unsupported(job.method.name, b.zero_stage)
+    if reason:
+        other = 2 if b.zero_stage == 3 else 3
+        fix = ("use backend.name: accelerate for this method" if deepspeed_unsupported(job.method.name, other)
+               else f"set backend.zero_stage: {other}, or use backend.name: accelerate")
+        raise ConfigError("backend.zero_stage", f"method {job.method.name!r} cannot run under DeepSpeed ZeRO-{b.zero_stage}: "
+                          f"{reason}", fix)
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("backend.name", "deepspeed is not installed here",
+                          "pip install deepspeed, or use backend.name: accelerate")
+    cfg = deepspeed_config(job)
+    user = user_deepspeed_config(b)
+    stage = cfg.get("zero_optimization", {}).get("stage")
+    if stage not in (2, 3):
+        raise ConfigError("backend.config", f"zero_optimization.stage {stage!r}: raylib runs ZeRO stage 2 or 3",
+                          "set backend.zero_stage instead of zero_optimization.stage in the JSON")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        if key in user:
+            raise ConfigError(f"backend.config.{key}", "batch sizes are generated from the job, not merged",
+                              "set train.batch_size / train.grad_accum / scaling.num_workers instead")
+    if "scheduler" in user and "optimizer" not in user:
+        raise ConfigError("backend.config.scheduler", "a DeepSpeed scheduler needs DeepSpeed's optimizer",
+                          "add backend.config.optimizer too, or drop the scheduler (train.lr_scheduler is used)")
+
+
+def make_deepspeed_accelerator(job, device_type: str):
+    """An Accelerator whose `prepare` runs `deepspeed.initialize` with the generated config.
+
+    Accelerate only enables DeepSpeed when `cpu=False`; on a CPU-only worker we pass the
+    process group's backend (gloo, already initialised by Ray Train) explicitly, so
+    Accelerate keeps the world size Ray set up and DeepSpeed uses its CPU accelerator.
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DataLoaderConfiguration, DeepSpeedPlugin, InitProcessGroupKwargs
+
+    if not torch.distributed.is_initialized():  # no Ray (plain run, torchrun): DeepSpeed needs a group
+        import deepspeed
+
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl")
+    prepare_cpu_ops(device_type)
+    AcceleratorState._reset_state(True)
+    config = deepspeed_config(job, torch.distributed.get_world_size(), device_type)
+    plugin = DeepSpeedPlugin(hf_ds_config=config)
+    precision = resolve_mixed_precision(job.backend.mixed_precision, device_type)
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if device_type == "cpu" else []
+    return Accelerator(
+        mixed_precision=precision,
+        deepspeed_plugin=plugin,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- deepspeed in the loop
+
+DS_TAG = "engine"  # one engine checkpoint per Ray checkpoint directory: a fixed tag
+
+
+def deepspeed_engine(accelerator, model):
+    """The DeepSpeedEngine `accelerator.prepare` returned, or None on the accelerate backend."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return model
+
+
+def zero_stage(engine) -> int:
+    return engine.zero_optimization_stage() if engine is not None else 0
+
+
+def needs_lockstep(engine) -> bool:
+    """ZeRO-3 forwards gather parameters collectively: every rank must run each one."""
+    return zero_stage(engine) == 3
+
+
+def save_engine_state(engine, out_dir: str) -> None:
+    """Collective: every rank writes its ZeRO shard (optimizer + trainable fp32 partition).
+
+    Frozen weights (a PEFT method's base model) are not written: they come from model.path.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    engine.save_checkpoint(out_dir, tag=DS_TAG, exclude_frozen_parameters=True)
+
+
+def load_engine_state(engine, ckpt_dir: str) -> None:
+    """Collective: restore weights and optimizer state written by `save_engine_state`."""
+    path, _ = engine.load_checkpoint(
+        ckpt_dir, tag=DS_TAG, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no engine checkpoint in {ckpt_dir}")
+
+
+def gathered_trainable(engine, model):
+    """Context: under ZeRO-3 the trainable parameters whole on every rank (collective).
+
+    A PEFT method saves only its trainable tensors, so that is all we gather: the frozen
+    base stays partitioned. For full fine-tuning that is the whole model (it must fit one
+    worker's memory at save time). Elsewhere a no-op.
+    """
+    import contextlib
+
+    if zero_stage(engine) != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def print_deepspeed_config(job, local: bool = False, stream=None) -> None:
+    """What `raylib train --print-deepspeed-config` shows: the config each worker will use."""
+    import sys
+
+    from raylib.errors import ConfigError
+
+    if job.backend.name != "deepspeed":
+        raise ConfigError("backend.name", f"is {job.backend.name!r}: there is no DeepSpeed config to print",
+                          "set backend.name: deepspeed (e.g. --set backend.name=deepspeed)")
+    use_gpu = job.scaling.use_gpu
+    if use_gpu == "auto":
+        import torch
+
+        use_gpu = torch.cuda.is_available()
+    world = 1 if local else job.scaling.num_workers
+    json.dump(deepspeed_config(job, world, "cuda" if use_gpu else "cpu"), stream or sys.stdout, indent=2)
+    print(file=stream or sys.stdout)
+
+
+def prepare_cpu_ops(device_type: str) -> None:
+    """Build/load DeepSpeed's CPU shared-memory comm op safely before DeepSpeed does.
+
+    DeepSpeed JIT-builds the op through torch's cpp_extension, whose lock is a plain file
+    ("baton"): a worker killed while holding it (a failed run, Ray restarting workers)
+    leaves the file behind and every later DeepSpeed process waits on it forever. Here the
+    check runs under an OS lock (released when its holder dies); a baton found while we
+    hold it is stale and is removed. DeepSpeed's own later load then finds the op built.
+    """
+    if device_type != "cpu":
+        return
+    import logging
+
+    import filelock
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return
+    build_dir = _get_build_directory(builder.name, verbose=False)
+    with filelock.FileLock(os.path.join(build_dir, "raylib-build.lock"), timeout=900):
+        baton = os.path.join(build_dir, "lock")
+        if os.path.exists(baton):
+            logging.getLogger("raylib.backends").warning("removing a stale DeepSpeed build lock %s", baton)
+            os.remove(baton)
+        from deepspeed.comm.torch import build_shm_op
+
+        build_shm_op()

@@ -4,10 +4,16 @@ Layout of one checkpoint:
 
     expert/        the trained weights in the method's format + tokenizer + expert.json
     train_state/   optimizer.pt, scheduler.pt, state.json (step, epoch, batch position)
+                   (DeepSpeed: deepspeed/ holds the engine checkpoint, every rank's ZeRO
+                   shard, instead of optimizer.pt)
 
 `state.json` is written last: a checkpoint directory without it is incomplete and is never
 resumed from. Ray Train copies the directory to storage and only registers it once the copy
 is complete, so a kill mid-write leaves the previous checkpoint as the latest.
+
+$RAYLIB_CHECKPOINT_WRITE_DELAY_S (fault-injection for tests): sleep that long between the
+weights and the train state, which widens the window in which a checkpoint is half written
+(tests/test_fault_tolerance.py kills the run inside it).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from raylib.experts import ExpertInfo, write_expert_json
 
 STATE_FILE = "state.json"
+DEEPSPEED_DIR = os.path.join("train_state", "deepspeed")
 
 
 @dataclass
@@ -41,7 +48,13 @@ def save(ckpt_dir: str, *, method, model, tokenizer, optimizer, scheduler, state
     method.save(model, expert_dir)
     tokenizer.save_pretrained(expert_dir)
     write_expert_json(expert_dir, info)
-    torch.save(optimizer.state_dict(), os.path.join(state_dir, "optimizer.pt"))
+    delay = float(os.environ.get("RAYLIB_CHECKPOINT_WRITE_DELAY_S") or 0)
+    if delay:
+        import time
+
+        time.sleep(delay)
+    if optimizer is not None:  # DeepSpeed: the engine checkpoint holds the optimizer state
+        torch.save(optimizer.state_dict(), os.path.join(state_dir, "optimizer.pt"))
     torch.save(scheduler.state_dict(), os.path.join(state_dir, "scheduler.pt"))
     tmp = os.path.join(state_dir, STATE_FILE + ".tmp")
     with open(tmp, "w") as f:
@@ -54,14 +67,19 @@ def is_complete(ckpt_dir: str) -> bool:
     return os.path.isfile(os.path.join(ckpt_dir, "train_state", STATE_FILE))
 
 
-def restore(ckpt_dir: str, *, method, model, optimizer, scheduler) -> TrainState:
+def restore(ckpt_dir: str, *, method, model, optimizer, scheduler, engine=None) -> TrainState:
     import torch
 
     if not is_complete(ckpt_dir):
         raise RuntimeError(f"checkpoint {ckpt_dir} is incomplete (no train_state/{STATE_FILE})")
-    method.load_into(model, os.path.join(ckpt_dir, "expert"))
     state_dir = os.path.join(ckpt_dir, "train_state")
-    optimizer.load_state_dict(torch.load(os.path.join(state_dir, "optimizer.pt"), weights_only=False))
+    if engine is not None:  # DeepSpeed: weights + optimizer from the engine's own checkpoint
+        from raylib.backends import load_engine_state
+
+        load_engine_state(engine, os.path.join(ckpt_dir, DEEPSPEED_DIR))
+    else:
+        method.load_into(model, os.path.join(ckpt_dir, "expert"))
+        optimizer.load_state_dict(torch.load(os.path.join(state_dir, "optimizer.pt"), weights_only=False))
     scheduler.load_state_dict(torch.load(os.path.join(state_dir, "scheduler.pt"), weights_only=False))
     with open(os.path.join(state_dir, STATE_FILE)) as f:
         return TrainState(**json.load(f))

@@ -25,6 +25,31 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:  # a bug or an unforeseen failure: still one paragraph and exit 1
+            if os.environ.get("RAYLIB_DEBUG"):
+                raise
+            click.echo(f"error: {_unexpected(ctx, exc)}", err=True)
+            sys.exit(1)
+
+
+def _unexpected(ctx, exc: BaseException) -> str:
+    """One paragraph for an unexpected exception; the traceback goes to a file it names."""
+    import tempfile
+    import traceback
+
+    command = ctx.invoked_subcommand or "raylib"
+    fd, path = tempfile.mkstemp(prefix=f"raylib-{command}-", suffix=".traceback.txt")
+    with os.fdopen(fd, "w") as f:
+        traceback.print_exception(exc, file=f)
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1].strip().rstrip(".") if lines else ""
+    return (f"`raylib {command}` failed: {type(exc).__name__}: {text[:400]}. "
+            f"Full traceback in {path} (rerun with RAYLIB_DEBUG=1 to print it).")
 
 
 @click.group(cls=_Group)
@@ -45,11 +70,19 @@ _set_option = click.option(
 @click.option("--resume", is_flag=True, help="continue the run in output.dir from its latest checkpoint")
 @click.option("--address", default=None, help="Ray cluster to run on: ray://HOST:PORT, HOST:PORT or auto (default: $RAY_ADDRESS, else an embedded local Ray)")
 @click.option("--quiet", is_flag=True, help="no progress output")
-def train(job_yaml: str, overrides: tuple[str, ...], local: bool, resume: bool, address: str | None, quiet: bool) -> None:
+@click.option("--print-deepspeed-config", "print_ds", is_flag=True,
+              help="print the DeepSpeed config generated for this job (backend.name: deepspeed) and exit")
+def train(job_yaml: str, overrides: tuple[str, ...], local: bool, resume: bool, address: str | None, quiet: bool,
+          print_ds: bool) -> None:
     """Run the fine-tuning job JOB_YAML on Ray Train workers."""
     from raylib.config import load_job
 
     job = load_job(job_yaml, list(overrides))
+    if print_ds:
+        from raylib.backends import print_deepspeed_config
+
+        print_deepspeed_config(job, local=local)
+        return
     from raylib import launch
 
     result = launch.train(job, address=address, local=local, resume=resume, show_progress=not quiet)
@@ -117,11 +150,15 @@ def demo(job_yaml: str, workers: int, overrides: tuple[str, ...]) -> None:
 
 def _register_commands() -> None:
     """Commands that live with their feature's package."""
+    from raylib.cls_cli import synth_cls
+    from raylib.eval_cli import eval_command
+    from raylib.export import export
     from raylib.params_cli import params
     from raylib.search.commands import cem, tune
     from raylib.serve_cli import serve_command
+    from raylib.submit import logs, status, stop, submit
 
-    for command in (tune, cem, params, serve_command):
+    for command in (tune, cem, params, synth_cls, submit, status, logs, stop, eval_command, export, serve_command):
         main.add_command(command)
 
 

@@ -17,9 +17,10 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
+from raylib import backends
 from raylib.errors import ConfigError
 from raylib.methods import METHODS
-from raylib.objectives import OBJECTIVE_OPTIONS, ObjectiveOptions, SFTOptions
+from raylib.objectives import OBJECTIVE_OPTIONS, ObjectiveOptions, SFTOptions, check_objective
 
 
 class _Strict(BaseModel):
@@ -45,6 +46,8 @@ class FieldMap(_Strict):
     output: str = "output"
     text: str = "text"
     messages: str = "messages"
+    label: str = "label"   # classification: class name (or index) per row
+    task: str = "task"     # classification: which head a row belongs to
 
 
 class DataConfig(_Strict):
@@ -61,8 +64,16 @@ class DataConfig(_Strict):
 
 
 class BackendConfig(_Strict):
-    name: Literal["accelerate"] = "accelerate"
+    """accelerate (DDP) or deepspeed (ZeRO 2/3); see raylib/backends.py and README "Backends"."""
+
+    name: Literal["accelerate", "deepspeed"] = "accelerate"
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    zero_stage: Literal[2, 3] = Field(2, description="deepspeed: ZeRO stage")
+    offload_optimizer: bool = Field(False, description="deepspeed: optimizer state in CPU memory")
+    offload_params: bool = Field(False, description="deepspeed: parameters in CPU memory (stage 3 only)")
+    config: str | dict[str, Any] | None = Field(
+        None, description="deepspeed: JSON file path or inline mapping deep-merged over the generated config"
+    )
 
 
 class ScalingConfig(_Strict):
@@ -96,6 +107,9 @@ class OutputConfig(_Strict):
     dir: str = Field(description="run directory: final expert at its root, checkpoints/ inside")
     experiment: str | None = None
     domain: str | None = Field(None, description="domain label written to expert.json")
+    tracking: list[Literal["mlflow", "tensorboard"]] = Field(
+        default_factory=list, description="metric trackers: mlflow (file store under dir/mlruns) and/or tensorboard")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else dir/mlruns")
 
 
 MethodConfig = Annotated[Union[tuple(m.Options for m in METHODS.values())], Field(discriminator="name")]
@@ -118,6 +132,8 @@ class JobConfig(_Strict):
             self.model.quantization = method.quantization
         if self.train.optimizer is None:
             self.train.optimizer = method.default_optimizer
+        if not method.supports_packing and "packing" not in self.data.model_fields_set:
+            self.data.packing = False
         return self
 
     @property
@@ -177,6 +193,8 @@ def validate_job(raw: dict[str, Any], source: str = "job") -> JobConfig:
     except ValidationError as exc:
         raise ConfigError("", f"{source}: " + "; ".join(_describe(e) for e in exc.errors())) from None
     METHODS[job.method.name].check(job)
+    backends.check(job)
+    check_objective(job)
     return job
 
 

@@ -334,6 +334,10 @@ class Collator:
 
 def preflight(job) -> DataReport:
     """Driver-side check before Ray starts: sources readable, rows usable, not empty."""
+    if job.objective.name == "classification":  # rows are text + task + label, not templates
+        from raylib.objectives import classification
+
+        return classification.preflight(job)
     report = DataReport()
     rows = valid_rows(load_rows(job.data.train, "data.train"), job.data, report, job.data.max_rows)
     if not rows:

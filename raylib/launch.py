@@ -14,11 +14,12 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from raylib import data as data_mod
-from raylib import models
+from raylib import models, storage
 from raylib.config import JobConfig
 from raylib.errors import ConfigError, TrainingFailed
 from raylib.experts import EXPERT_FILE
@@ -67,30 +68,31 @@ def resolve_paths(job: JobConfig) -> JobConfig:
 
 
 def has_run(output_dir: str) -> bool:
-    return os.path.isfile(os.path.join(output_dir, CHECKPOINTS, SNAPSHOT))
+    return storage.is_file(storage.resolve(output_dir), CHECKPOINTS, SNAPSHOT)
 
 
-def preflight(job: JobConfig, resume: bool = False) -> data_mod.DataReport:
-    """Every check that needs no cluster. Raises ConfigError/DataError."""
+def preflight(job: JobConfig, resume: bool = False, probe: bool = True) -> data_mod.DataReport:
+    """Every check that needs no cluster. Raises ConfigError/DataError.
+
+    `output.dir` (a path or a URI) must be writable: a probe object is written and deleted,
+    so a wrong bucket, missing credentials or a read-only directory stop the job here.
+    """
+    out = job.output.dir
+    loc = storage.resolve(out)  # rejects credentials in a URI
+    if not loc.is_remote and os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError("output.dir", f"{out!r} is a file", "choose a directory path")
+    if probe:  # first: cheap, and the most common mistake on a cluster
+        storage.probe(loc)
     models.preflight(job)
     report = data_mod.preflight(job)
-    out = job.output.dir
-    if not _is_uri(out):
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise ConfigError("output.dir", f"{out!r} is a file", "choose a directory path")
-        parent = out
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.access(parent, os.W_OK):
-            raise ConfigError("output.dir", f"{out!r} is not writable (no write permission on {parent!r})", "choose a writable directory")
-        if has_run(out) and not resume:
-            raise ConfigError(
-                "output.dir",
-                f"{out!r} already holds a run",
-                "pass --resume to continue it, or set output.dir to a new directory",
-            )
-        if resume and not has_run(out):
-            raise ConfigError("--resume", f"there is no run to resume in {out!r}", "drop --resume to start a new run")
+    if has_run(out) and not resume:
+        raise ConfigError(
+            "output.dir",
+            f"{out!r} already holds a run",
+            "pass --resume to continue it, or set output.dir to a new directory",
+        )
+    if resume and not has_run(out):
+        raise ConfigError("--resume", f"there is no run to resume in {out!r}", "drop --resume to start a new run")
     return report
 
 
@@ -109,6 +111,38 @@ def connect(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    _drop_known_ray_noise()
+
+
+# Lines Ray's own actors print at ERROR level on every healthy run (not failures): they would
+# make a successful run look broken. Only these exact notices are dropped; the log files keep them.
+_RAY_NOISE = (
+    "has constructor arguments in the object store and max_restarts > 0",  # ray-project/ray#53727
+)
+
+
+def _drop_known_ray_noise() -> None:
+    """Filter the driver's copy of worker output (Ray's log-to-driver dispatcher)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # Ray moved it: the notices show, nothing else changes
+        return
+    with dispatcher._lock:
+        handlers = []
+        for name, handle in dispatcher.handlers:
+            if name == "ray_print_logs":
+                handle = _filtered(handle)
+            handlers.append((name, handle))
+        dispatcher.handlers = handlers
+
+
+def _filtered(handle):
+    def emit(data):
+        lines = [line for line in data.get("lines", []) if not any(n in line for n in _RAY_NOISE)]
+        if lines or not data.get("lines"):
+            handle({**data, "lines": lines})
+
+    return emit
 
 
 def _use_gpu(setting, num_workers: int) -> bool:
@@ -137,35 +171,101 @@ def train(
         job.scaling.num_workers = 1
     preflight(job, resume=resume)
     out = job.output.dir
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "job.yaml"), "w") as f:
-        yaml.safe_dump(job.to_dict(), f, sort_keys=False)
+    loc = storage.resolve(out)
+    storage.write_text(loc, "job.yaml", yaml.safe_dump(job.to_dict(), sort_keys=False))
+
+    from raylib.tracking import Tracker, write_loss_curve
 
     connect(address)
     sink = ProgressSink.remote()
     trainer = build_trainer(job, storage_path=out, progress_sink=sink)
     started = time.time()
-    printer = ProgressPrinter(sink, os.path.join(out, "metrics.jsonl"), enabled=show_progress)
+    staging = storage.staging_dir(loc)  # local runs: out itself; remote: a local dir uploaded at the end
+    metrics_file = os.path.join(staging, "metrics.jsonl")
+    if loc.is_remote:  # start from the run's own log (a resumed run may come from another machine)
+        if os.path.exists(metrics_file):
+            os.remove(metrics_file)
+        if resume and storage.is_file(loc, "metrics.jsonl"):
+            with open(metrics_file, "w") as f:
+                f.write(storage.read_text(loc, "metrics.jsonl"))
+    tracker = Tracker(job, staging)
+    printer = ProgressPrinter(sink, metrics_file, enabled=show_progress, listeners=[tracker])
     try:
         with printer:
             result = trainer.fit()
     except Exception as exc:  # ray.train.TrainingFailedError and friends
+        tracker.close("FAILED")
+        write_loss_curve(staging)
+        _upload_run_files(loc, staging)
         raise TrainingFailed(_failure_summary(exc, out)) from exc
     finally:
         ray.kill(sink)
-    return finish_run(result, out, started)
+    try:
+        run = finish_run(result, out, started, local_run_dir=staging)
+    except Exception:
+        tracker.close("FAILED")
+        _upload_run_files(loc, staging)
+        raise
+    tracker.close("FINISHED", run.metrics)
+    _upload_run_files(loc, staging)
+    return run
 
 
-def finish_run(result, out: str, started: float) -> RunResult:
-    """A finished Ray Train result -> the expert published at `out` plus run.json."""
+def _upload_run_files(loc: storage.Location, staging: str) -> None:
+    """Remote runs: copy what the driver wrote locally (progress log, loss curve, MLflow /
+    TensorBoard files) next to the expert. Local runs wrote them in place."""
+    if not loc.is_remote:
+        return
+    for name in ("metrics.jsonl", "loss_curve.png", "tracking.json", "mlruns", "tensorboard"):
+        path = os.path.join(staging, name)
+        try:
+            if os.path.isfile(path):
+                storage.upload_file(path, loc, name)
+            elif os.path.isdir(path):
+                storage.upload_dir(path, loc.join(name))
+        except Exception as exc:  # the run's outcome matters more than its progress log
+            log.warning("could not upload %s to %s: %s", path, loc.uri, exc)
+
+
+def finish_run(result, out: str, started: float, local_run_dir: str | None = None) -> RunResult:
+    """A finished Ray Train result -> the expert published at `out` plus run.json.
+
+    `out` may be a URI: the final checkpoint's expert is copied there (expert.json last).
+    A failure here (a save or upload) is a failed run, never a silent success.
+    `local_run_dir` holds the driver's progress log (the run dir itself for local runs, a
+    staging dir for remote ones): the loss curve is drawn from it.
+    """
+    import tempfile
+
+    if result.error is not None:
+        raise TrainingFailed(_failure_summary(result.error, out))
     if result.checkpoint is None:
         raise TrainingFailed(f"the run finished without a checkpoint; see {out}/metrics.jsonl and the Ray logs")
-    ckpt_dir = result.checkpoint.path
+    loc = storage.resolve(out)
+    ckpt = result.checkpoint
+    ckpt_dir = ckpt.path if not loc.is_remote else f"{urlsplit(out).scheme}://{ckpt.path}"
     metrics = dict(result.metrics or {})
     metrics["wall_time_s"] = round(time.time() - started, 2)
-    publish_expert(os.path.join(ckpt_dir, "expert"), out)
-    with open(os.path.join(out, "run.json"), "w") as f:
-        json.dump({"checkpoint": ckpt_dir, "expert": out, "metrics": metrics}, f, indent=2, default=str)
+    try:
+        if loc.is_remote:
+            with tempfile.TemporaryDirectory(prefix="raylib-expert-") as tmp:
+                src = storage.Location(ckpt_dir + "/expert", ckpt.filesystem, ckpt.path + "/expert")
+                storage.download_dir(src, tmp)
+                storage.delete_file(loc, EXPERT_FILE)
+                storage.upload_dir(tmp, loc, last=EXPERT_FILE)
+        else:
+            publish_expert(os.path.join(ckpt_dir, "expert"), out)
+        storage.write_text(loc, "run.json", json.dumps(
+            {"checkpoint": ckpt_dir, "expert": out, "metrics": metrics}, indent=2, default=str))
+    except Exception as exc:
+        raise TrainingFailed(
+            f"training finished but publishing the expert to {out} failed: {type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:400]}. The last checkpoint is intact at {ckpt_dir} "
+            f"(its expert/ subdirectory is the trained expert)."
+        ) from exc
+    from raylib.tracking import write_loss_curve
+
+    write_loss_curve(local_run_dir or out, ckpt_dir if not loc.is_remote else None)
     return RunResult(expert_dir=out, checkpoint_dir=ckpt_dir, metrics=metrics)
 
 
@@ -196,7 +296,7 @@ def build_trainer(job: JobConfig, *, storage_path: str, progress_sink=None, call
         ),
         run_config=RunConfig(
             name=CHECKPOINTS,
-            storage_path=storage_path,
+            **storage.resolve(storage_path).ray_storage(),  # a path, or a URI's pyarrow filesystem
             failure_config=FailureConfig(max_failures=job.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
             logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO goes to its log files
@@ -224,21 +324,49 @@ def publish_expert(src: str, dest: str) -> None:
     os.replace(marker + ".tmp", marker)
 
 
-def _failure_summary(exc: Exception, out: str) -> str:
+def root_cause(exc: BaseException) -> tuple[str, str, str]:
+    """(exception type, its last message line, where the worker logs are) for a failure
+    raised anywhere in the cluster (Ray wraps worker exceptions in its own)."""
+    import re
+
     import ray
 
-    cause = exc
-    while getattr(cause, "__cause__", None) is not None and cause.__cause__ is not cause:
-        cause = cause.__cause__
+    from raylib.errors import RaylibError
+
+    cause, seen = exc, set()
+    while id(cause) not in seen:
+        seen.add(id(cause))
+        failures = getattr(cause, "worker_failures", None)  # Ray Train: {rank: exception}
+        candidates = [
+            failures[min(failures)] if failures else None,
+            getattr(cause, "controller_failure", None),  # Ray Train's controller
+            getattr(cause, "_base_exc", None),  # Ray Train: the user's exception with its traceback
+            getattr(cause, "cause", None),  # RayTaskError: the task's exception
+        ]
+        nxt = next((c for c in candidates if isinstance(c, BaseException)), None)
+        if nxt is None:
+            if isinstance(cause, RaylibError):  # ours already say what and where
+                break
+            nxt = cause.__cause__
+        if nxt is None:
+            break
+        cause = nxt
+    kind = type(cause).__name__
     text = str(cause).strip().splitlines()
-    last = next((line for line in reversed(text) if line.strip()), type(cause).__name__)
+    last = next((line.strip() for line in reversed(text) if line.strip()), kind)
+    last = re.sub(rf"^(?:[\w.]+\.)?{re.escape(kind)}: ", "", last)  # "pkg.RewardError: ..." -> "..."
     logs = "the Ray logs"
     try:
         logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
     except Exception:  # not on the head node: the job's own log holds the worker output
         pass
+    return kind, last[:500].rstrip("."), logs
+
+
+def _failure_summary(exc: BaseException, out: str) -> str:
+    kind, last, logs = root_cause(exc)
     return (
-        f"training failed: {type(cause).__name__}: {last[:500]}. "
+        f"training failed: {kind}: {last}. "
         f"Worker output is in {logs}; metrics so far in {out}/metrics.jsonl; "
         f"rerun with --resume to continue from the last checkpoint."
     )

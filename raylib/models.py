@@ -105,7 +105,7 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count their logical size."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 partitioned params report numel 0
         if getattr(p, "quant_state", None) is not None:  # bnb Params4bit pack 2 values per byte
             n *= 2
         total += n

@@ -30,8 +30,9 @@ class ProgressSink:
 
 
 class ProgressPrinter:
-    def __init__(self, sink, metrics_path: str | None, enabled: bool = True, stream=None):
+    def __init__(self, sink, metrics_path: str | None, enabled: bool = True, stream=None, listeners=()):
         self.sink, self.metrics_path, self.enabled = sink, metrics_path, enabled
+        self.listeners = list(listeners)  # e.g. raylib.tracking.Tracker: called with every event
         self.stream = stream or sys.stderr
         self.start_event: dict | None = None
         self.last_step: dict | None = None
@@ -69,6 +70,8 @@ class ProgressPrinter:
                     f.write(json.dumps(e, default=str) + "\n")
         for e in events:
             self._show(e)
+            for listener in self.listeners:
+                listener(e)
 
     def _show(self, e: dict) -> None:
         kind = e.get("type")

@@ -99,3 +99,47 @@ def tokenizer_corpus(n: int = 3000, seed: int = 0) -> list[str]:
         texts.append(f"{row['instruction']} {row['input']} {row['output']}")
     texts.extend(["Classify the request into one of: arithmetic, strings, comparison, other."] * 10)
     return texts
+
+
+# --------------------------------------------------------------------------- classification
+
+#: two tasks over the same rows, for `method: heads` (one backbone, two heads)
+CLASSIFICATION_TASKS: dict[str, list[str]] = {
+    "domain": list(DOMAINS),
+    "operation": ["add", "subtract", "larger", "smaller", "reverse", "uppercase"],
+}
+
+
+def _operation(row: dict) -> str:
+    text = row["instruction"]
+    for key, label in ((" + ", "add"), (" - ", "subtract"), ("larger", "larger"), ("smaller", "smaller"),
+                       ("Reverse", "reverse"), ("Uppercase", "uppercase")):
+        if key in text:
+            return label
+    raise ValueError(f"no operation in {text!r}")
+
+
+def make_classification_rows(n: int, tasks: Iterable[str] | None = None, seed: int = 0) -> list[dict]:
+    """`n` rows {"text", "task", "label"}, tasks round-robin: `domain` (which of the three
+    synthetic domains the request is from) and `operation` (which of six operations it asks
+    for). Both are readable from the text, so a frozen tiny model's features separate them."""
+    names = list(tasks or CLASSIFICATION_TASKS)
+    unknown = [t for t in names if t not in CLASSIFICATION_TASKS]
+    if unknown:
+        raise ValueError(f"unknown classification tasks {unknown}; choose from {sorted(CLASSIFICATION_TASKS)}")
+    out = []
+    for i, row in enumerate(make_rows(n, seed=seed)):
+        task = names[i % len(names)]
+        label = row["domain"] if task == "domain" else _operation(row)
+        out.append({"text": f"{row['instruction']} {row['input']}".strip(), "task": task, "label": label})
+    return out
+
+
+def write_classification_dataset(
+    out_dir: str, n_train: int = 1000, n_eval: int = 200, tasks: Iterable[str] | None = None, seed: int = 0
+) -> dict[str, str]:
+    """train.jsonl / eval.jsonl of classification rows under `out_dir` (disjoint seeds)."""
+    return {
+        "train": write_jsonl(make_classification_rows(n_train, tasks, seed), os.path.join(out_dir, "train.jsonl")),
+        "eval": write_jsonl(make_classification_rows(n_eval, tasks, seed + 10_000), os.path.join(out_dir, "eval.jsonl")),
+    }

@@ -20,11 +20,10 @@ import warnings
 from typing import Any
 
 from raylib import backends, checkpointing, models
-from raylib import data as data_mod
 from raylib.checkpointing import TrainState
 from raylib.experts import ExpertInfo
 from raylib.methods import get_method
-from raylib.objectives import sft
+from raylib.objectives import loop_objective
 
 log = logging.getLogger("raylib.train")
 
@@ -47,8 +46,11 @@ class RaySession:
         ckpt = self._train.get_checkpoint()
         if ckpt is None:
             return None
-        # local storage: the directory itself; remote storage: a local copy
-        return ckpt.path if os.path.isdir(ckpt.path) else ckpt.to_directory()
+        # local storage: the directory itself; remote storage (s3://, gs://, ...): a local copy
+        import pyarrow.fs
+
+        local = isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem) and os.path.isdir(ckpt.path)
+        return ckpt.path if local else ckpt.to_directory()
 
     def report(self, metrics: dict, checkpoint_dir: str | None, name: str | None) -> None:
         ckpt = self._train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -113,6 +115,7 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     torch.manual_seed(job.train.seed)
     accelerator = backends.make_accelerator(job, device_type)
     rank, world = accelerator.process_index, accelerator.num_processes
+    node_ids = _worker_node_ids(world)  # where each rank runs: placement evidence (SPREAD)
 
     # model + method
     tokenizer = models.load_tokenizer(job.model)
@@ -126,9 +129,10 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     if rank == 0:
         log.info("%s: %s trainable of %s parameters (%.3f%%)", job.method.name, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    # data
-    prepared = data_mod.prepare(job, tokenizer)
-    collator = data_mod.Collator(tokenizer.pad_token_id, packed=job.data.packing)
+    # data (the objective decides what a batch is; heads may cache backbone features here)
+    objective = loop_objective(job.objective.name)
+    prepared = objective.prepare(job, tokenizer, model, accelerator.device)
+    collator = objective.collator(job, tokenizer)
     loader = DataLoader(prepared.train, batch_size=job.train.batch_size, shuffle=True, collate_fn=collator)
 
     # optimizer, distribution, schedule
@@ -143,19 +147,23 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
         num_training_steps=total_steps,
     )
     unwrapped = accelerator.unwrap_model(model)
+    engine = backends.deepspeed_engine(accelerator, model)  # None on the accelerate backend
+    method.begin_training(unwrapped, total_steps)
 
     def evaluate() -> dict:
         if not prepared.eval:
             return {}
-        return sft.evaluate(
+        return objective.evaluate(
             unwrapped, prepared.eval, collator, job.train.batch_size, rank, world, accelerator.device,
             lambda t: accelerator.reduce(t, reduction="sum"),
+            lockstep=backends.needs_lockstep(engine),
         )
 
     # resume or start
     resume_dir = session.latest_checkpoint_dir()
     if resume_dir:
-        state = checkpointing.restore(resume_dir, method=method, model=unwrapped, optimizer=optimizer, scheduler=scheduler)
+        state = checkpointing.restore(resume_dir, method=method, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
+                                      engine=engine)
         log.info("rank %d resumed from %s at step %d", rank, resume_dir, state.step)
     else:
         state = TrainState()
@@ -166,12 +174,14 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
         "total_params": total,
         "total_steps": total_steps,
         "world_size": world,
+        "worker_node_ids": ",".join(node_ids),
+        "num_nodes": len(set(node_ids)),
         **prepared.report.as_metrics(),
     }
     session.progress({
         "type": "start", "total_steps": total_steps, "step": state.step, "trainable_params": trainable,
         "total_params": total, "eval_loss_before": state.eval_loss_before, "data": prepared.report.summary(),
-        "resumed_from": resume_dir,
+        "resumed_from": resume_dir, "pid": os.getpid(), "node_ids": node_ids,
     })
 
     checkpoint_every = job.train.checkpoint_every
@@ -188,14 +198,16 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
         for batch in batches:
             n_tokens = batch.pop("num_tokens")
             n_labels = (batch["labels"] != -100).sum()
-            padded += batch["input_ids"].numel()
+            padded += batch["input_ids"].numel() if "input_ids" in batch else int(n_tokens)  # cached features
             real += int(n_tokens)
             with accelerator.accumulate(model):
-                loss = sft.loss(model, batch)
+                loss = objective.loss(model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and job.train.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
                 optimizer.step()
+                if accelerator.sync_gradients:
+                    method.after_step(unwrapped, state.step)  # gradients still there (AdaLoRA)
                 optimizer.zero_grad()
             window += torch.stack([loss.detach().double() * n_labels, n_labels.double(), n_tokens.double()])
             state.batches_in_epoch += 1
@@ -233,7 +245,8 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
                 if at_end:
                     metrics["step_time_p50"] = steady_step_time(step_times)
                 if do_ckpt:
-                    _checkpoint(session, job, method, unwrapped, tokenizer, optimizer, scheduler, state, metrics, rank)
+                    _checkpoint(session, job, method, unwrapped, tokenizer, optimizer, scheduler, state, metrics, rank,
+                                engine)
                     last_saved = state.step
                 else:
                     session.report(metrics, None, None)
@@ -246,7 +259,8 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
 
     if last_saved != state.step:  # resumed from the final checkpoint: nothing left to save
         session.report({**base_metrics, "step": state.step}, None, None)
-    return {"step": state.step, "step_times": step_times, "packing_efficiency": real / max(padded, 1), "state": state}
+    return {"step": state.step, "step_times": step_times, "packing_efficiency": real / max(padded, 1), "state": state,
+            "model": unwrapped}
 
 
 def steady_step_time(step_times: list[float]) -> float:
@@ -255,13 +269,37 @@ def steady_step_time(step_times: list[float]) -> float:
     return statistics.median(steady) if steady else 0.0
 
 
-def _checkpoint(session, job, method, model, tokenizer, optimizer, scheduler, state, metrics, rank) -> None:
-    """Rank 0 writes the checkpoint (DDP replicas are identical); every rank reports."""
+def _checkpoint(session, job, method, model, tokenizer, optimizer, scheduler, state, metrics, rank, engine=None) -> None:
+    """Rank 0 writes the checkpoint (DDP replicas are identical); every rank reports.
+
+    Under DeepSpeed every rank also writes its ZeRO shard of the engine state into its own
+    temporary directory and reports it under the same name: Ray Train merges the ranks'
+    files into one checkpoint directory and registers it only once all ranks reported.
+    """
     name = f"step_{state.step:07d}"
+    if engine is not None:
+        return _checkpoint_deepspeed(session, job, method, model, tokenizer, scheduler, state, metrics, rank, engine, name)
     if rank != 0:
         session.report(metrics, None, name)
         return
-    info = ExpertInfo(
+    with tempfile.TemporaryDirectory(prefix="raylib-ckpt-") as tmp:
+        checkpointing.save(tmp, method=method, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                           scheduler=scheduler, state=state, info=_expert_info(job, metrics, state))
+        session.report(metrics, tmp, name)
+
+
+def _checkpoint_deepspeed(session, job, method, model, tokenizer, scheduler, state, metrics, rank, engine, name) -> None:
+    with tempfile.TemporaryDirectory(prefix="raylib-ckpt-") as tmp:
+        backends.save_engine_state(engine, os.path.join(tmp, checkpointing.DEEPSPEED_DIR))  # collective
+        with backends.gathered_trainable(engine, model):  # ZeRO-3: whole trainable tensors on every rank
+            if rank == 0:
+                checkpointing.save(tmp, method=method, model=model, tokenizer=tokenizer, optimizer=None,
+                                   scheduler=scheduler, state=state, info=_expert_info(job, metrics, state))
+        session.report(metrics, tmp, name)
+
+
+def _expert_info(job, metrics, state) -> ExpertInfo:
+    return ExpertInfo(
         method=job.method.name,
         base_model=job.model.path,
         domain=job.output.domain,
@@ -270,10 +308,25 @@ def _checkpoint(session, job, method, model, tokenizer, optimizer, scheduler, st
         config=job.to_dict(),
         step=state.step,
     )
-    with tempfile.TemporaryDirectory(prefix="raylib-ckpt-") as tmp:
-        checkpointing.save(tmp, method=method, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                           scheduler=scheduler, state=state, info=info)
-        session.report(metrics, tmp, name)
+
+
+def _worker_node_ids(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (empty outside Ray)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return []
+        node = ray.get_runtime_context().get_node_id()
+    except Exception:
+        return []
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        ids: list = [None] * world
+        dist.all_gather_object(ids, node)
+        return [str(i) for i in ids]
+    return [node]
 
 
 def _quiet_libraries() -> None:

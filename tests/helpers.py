@@ -122,3 +122,21 @@ class RayHead:
                 os.remove(pointer)
         except OSError:
             pass
+
+
+def stray_stderr(stderr: str) -> list[str]:
+    """stderr lines of a raylib command that are neither progress nor a warning (a successful
+    run has none). Progress: our bar/lines, the worker's parameter count, Ray's start notice."""
+    import re
+
+    progress = ("training:", "step ", "eval loss", "resumed", "expert saved")
+    ansi = re.compile(r"\x1b\[[0-9;]*m")
+    bad = []
+    for raw in stderr.splitlines():
+        line = ansi.sub("", raw).strip()
+        body = re.sub(r"^\((\w+) pid=\d+\)\s*", "", line)  # Ray's prefix for worker output
+        if (not line or body.startswith(progress) or "WARNING" in line or "Warning" in line
+                or body.startswith("INFO raylib") or "Started a local Ray instance" in line):
+            continue
+        bad.append(raw)
+    return bad

@@ -65,9 +65,11 @@ print(len(model.generate(ids, max_new_tokens=4, do_sample=False)[0]) > ids.shape
 
 
 def _kill_a_train_worker() -> int:
+    import ray
     from ray.util.state import list_actors
 
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    # name this session's cluster: other Ray instances on the machine make autodetection fail
+    workers = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     pid = workers[0].pid
     os.kill(pid, 9)
     return pid

@@ -10,6 +10,12 @@ Ray starts) and four operations the training loop and the serve layer call:
   (resume from a checkpoint);
 - `load(base_model, src_dir)`: base model + saved expert -> model ready for inference.
 
+Optional hooks (defaults do nothing), so the training loop stays method-agnostic:
+
+- `begin_training(model, total_steps)`: once the run's step count is known (schedules).
+- `after_step(model, step)`: called once per optimizer step, after `optimizer.step()` and
+  before the gradients are zeroed (AdaLoRA's rank allocator reads them there).
+
 Adding a method = one module with a `Method` subclass + one line in `METHODS`.
 Modules here must stay cheap to import (no torch/peft at import time): the config schema is
 built from these Options and is validated before anything heavy loads.
@@ -44,6 +50,15 @@ class Method(ABC):
     def check(self, job: "JobConfig") -> None:
         """Driver-side validation beyond the schema. Raise ConfigError."""
 
+    #: False for methods that cannot train on packed sequences (data.packing defaults to off)
+    supports_packing: ClassVar[bool] = True
+
+    def begin_training(self, model, total_steps: int) -> None:
+        """Once, before the first step, with the run's optimizer step count (unwrapped model)."""
+
+    def after_step(self, model, step: int) -> None:
+        """Per optimizer step, gradients still present; `step` counts from 0 (unwrapped model)."""
+
     @abstractmethod
     def apply(self, model, job: "JobConfig"):
         """Base model -> the model to train (only the method's parameters trainable)."""
@@ -60,12 +75,19 @@ class Method(ABC):
     def load(self, base_model, src_dir: str):
         """Base model + a saved expert -> model ready for inference."""
 
+    def merge(self, base_model, src_dir: str):
+        """Base model + a saved expert -> a plain HF model with the expert folded into its
+        weights (what `raylib export --merge` saves). Default: load, which suits methods whose
+        expert already is a full model."""
+        return self.load(base_model, src_dir)
+
 
 def _registry() -> dict[str, Method]:
     from raylib.methods.full import FullFineTuning
-    from raylib.methods.peft_methods import LoRA, QLoRA
+    from raylib.methods.heads import Heads
+    from raylib.methods.peft_methods import IA3, LoRA, PTuning, PrefixTuning, PromptTuning, QLoRA, AdaLoRA
 
-    methods = [FullFineTuning(), LoRA(), QLoRA()]
+    methods = [FullFineTuning(), LoRA(), QLoRA(), AdaLoRA(), IA3(), PrefixTuning(), PTuning(), PromptTuning(), Heads()]
     from raylib.methods.svf import SVF
 
     methods.append(SVF())

@@ -17,6 +17,9 @@ from raylib.methods import Method, MethodOptions
 
 TargetModules = Union[Literal["all-linear"], list[str]]
 
+#: methods that learn virtual tokens instead of touching weights (PEFT "prompt learning")
+PROMPT_LEARNING = ("prefix", "ptuning", "prompt")
+
 
 class LoraOptions(MethodOptions):
     name: Literal["lora"]
@@ -36,14 +39,86 @@ class QLoraOptions(LoraOptions):
     name: Literal["qlora"]  # type: ignore[assignment]
 
 
+class AdaLoraOptions(MethodOptions):
+    """AdaLoRA (Zhang et al., 2023): LoRA in SVD form whose per-matrix ranks are pruned from
+    `init_r` toward an average of `target_r` by importance, on a schedule of optimizer steps:
+    `tinit` warm-up steps at full rank, budget shrinking every `deltaT` steps until
+    `total_steps - tfinal`, then `tfinal` steps at the final ranks. `total_step` is the run's
+    step count (train.max_steps or epochs x steps per epoch), filled in by the worker."""
+
+    name: Literal["adalora"]
+    init_r: PositiveInt = 12
+    target_r: PositiveInt = 8
+    tinit: int = Field(0, ge=0)
+    tfinal: int = Field(0, ge=0)
+    deltaT: PositiveInt = 1
+    beta1: float = Field(0.85, gt=0, lt=1)
+    beta2: float = Field(0.85, gt=0, lt=1)
+    orth_reg_weight: float = Field(0.5, ge=0)
+    alpha: float = 8
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: TargetModules = "all-linear"
+    layers_to_transform: list[int] | None = None
+    modules_to_save: list[str] | None = None
+    extra: dict[str, Any] = Field(default_factory=dict, description="passed to peft.AdaLoraConfig")
+
+
+class IA3Options(MethodOptions):
+    """(IA)^3 (Liu et al., 2022): learned per-channel scaling vectors. `target_modules: null`
+    uses PEFT's default for the architecture (k, v and the MLP down projection for Llama)."""
+
+    name: Literal["ia3"]
+    target_modules: TargetModules | None = None
+    feedforward_modules: list[str] | None = Field(None, description="subset of target_modules scaled on their input")
+    layers_to_transform: list[int] | None = None
+    modules_to_save: list[str] | None = None
+    extra: dict[str, Any] = Field(default_factory=dict, description="passed to peft.IA3Config")
+
+
+class _PromptLearningOptions(MethodOptions):
+    num_virtual_tokens: PositiveInt = 8
+    #: not accepted: prompt learning adds virtual tokens, it does not target modules. The
+    #: field exists so the error can name it and say what to do instead.
+    target_modules: Any = Field(None, description="not supported by prompt-learning methods")
+    modules_to_save: list[str] | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class PrefixOptions(_PromptLearningOptions):
+    """Prefix tuning (Li & Liang, 2021): trained key/value prefixes in every layer."""
+
+    name: Literal["prefix"]
+    prefix_projection: bool = False
+    encoder_hidden_size: PositiveInt | None = Field(None, description="MLP width when prefix_projection (default: model hidden size)")
+
+
+class PTuningOptions(_PromptLearningOptions):
+    """P-tuning (Liu et al., 2021): virtual token embeddings produced by a small encoder."""
+
+    name: Literal["ptuning"]
+    encoder_reparameterization_type: Literal["MLP", "LSTM"] = "MLP"
+    encoder_hidden_size: PositiveInt = 128
+    encoder_num_layers: PositiveInt = 2
+    encoder_dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class PromptOptions(_PromptLearningOptions):
+    """Prompt tuning (Lester et al., 2021): trained input embeddings for virtual tokens,
+    random or initialised from the embeddings of `init_text` (tokenizer from model.path)."""
+
+    name: Literal["prompt"]
+    init: Literal["random", "text"] = "random"
+    init_text: str | None = None
+
+
 class PeftMethod(Method):
     """Shared save/load for every PEFT method: adapters in PEFT's own format."""
 
     task_type = "CAUSAL_LM"
 
     @abstractmethod
-    def peft_config(self, job):
-        """The PEFT config object built from `job.method`."""
+    def peft_config(self, job, model=None):
+        """The PEFT config object built from `job.method` (`model`: the base, when known)."""
 
     def check(self, job) -> None:
         from raylib.errors import ConfigError
@@ -60,7 +135,7 @@ class PeftMethod(Method):
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=job.train.gradient_checkpointing
             )
-        return get_peft_model(model, self.peft_config(job))
+        return get_peft_model(model, self.peft_config(job, model=model))
 
     def save(self, model, out_dir: str) -> None:
         model.save_pretrained(out_dir, safe_serialization=True)
@@ -80,12 +155,16 @@ class PeftMethod(Method):
 
         return PeftModel.from_pretrained(base_model, src_dir)
 
+    def merge(self, base_model, src_dir: str):
+        """LoRA (and any PEFT adapter with merge support, e.g. IA3) folded into the weights."""
+        return self.load(base_model, src_dir).merge_and_unload()
+
 
 class LoRA(PeftMethod):
     name = "lora"
     Options = LoraOptions
 
-    def peft_config(self, job):
+    def peft_config(self, job, model=None):
         from peft import LoraConfig
 
         o = job.method
@@ -94,7 +173,7 @@ class LoRA(PeftMethod):
             r=o.r,
             lora_alpha=o.alpha,
             lora_dropout=o.dropout,
-            target_modules=o.target_modules,
+            target_modules=resolve_targets(o.target_modules, o.layers_to_transform, model),
             layers_to_transform=o.layers_to_transform,
             modules_to_save=o.modules_to_save,
             bias=o.bias,
@@ -130,3 +209,261 @@ class QLoRA(LoRA):
                 "pip install bitsandbytes, or use method.name: lora",
             ) from exc
         super().check(job)
+
+
+class AdaLoRA(PeftMethod):
+    """AdaLoRA through PEFT. Two things the loop must do, or it silently becomes plain LoRA:
+    call `update_and_allocate(step)` after every optimizer step (before zeroing grads; the
+    rank allocator scores importance from them) -> `after_step`; and keep the orthogonal
+    regulariser in the loss: `AdaLoraModel.forward` adds `orth_reg_weight x ||PᵀP - I||`
+    to `outputs.loss` when the forward gets labels (peft 0.21), which our SFT loss does.
+    """
+
+    name = "adalora"
+    Options = AdaLoraOptions
+
+    def peft_config(self, job, model=None, total_step: int | None = None):
+        from peft import AdaLoraConfig
+
+        o = job.method
+        return AdaLoraConfig(
+            task_type=self.task_type,
+            init_r=o.init_r,
+            target_r=o.target_r,
+            tinit=o.tinit,
+            tfinal=o.tfinal,
+            deltaT=o.deltaT,
+            beta1=o.beta1,
+            beta2=o.beta2,
+            orth_reg_weight=o.orth_reg_weight,
+            # the run's step count; with epochs it is known only in the worker, which sets it
+            # in begin_training (a stand-in that passes PEFT's checks until then)
+            total_step=total_step or job.train.max_steps or o.tinit + o.tfinal + 1,
+            lora_alpha=o.alpha,
+            lora_dropout=o.dropout,
+            target_modules=resolve_targets(o.target_modules, o.layers_to_transform, model),
+            layers_to_transform=o.layers_to_transform,
+            modules_to_save=o.modules_to_save,
+            **o.extra,
+        )
+
+    def check(self, job) -> None:
+        from raylib.errors import ConfigError
+
+        o = job.method
+        if o.target_r > o.init_r:
+            raise ConfigError("method.target_r", f"target_r ({o.target_r}) is above init_r ({o.init_r})",
+                              "AdaLoRA prunes ranks: set target_r <= init_r")
+        if job.train.max_steps is not None:
+            check_schedule(o, job.train.max_steps)
+        super().check(job)
+
+    def begin_training(self, model, total_steps: int) -> None:
+        """total_step = the run's optimizer steps (the rank allocator holds this same config)."""
+        cfg = model.peft_config[model.active_adapter]
+        check_schedule(cfg, total_steps)
+        cfg.total_step = total_steps
+
+    def after_step(self, model, step: int) -> None:
+        model.base_model.update_and_allocate(step)
+
+    def save(self, model, out_dir: str) -> None:
+        """The PEFT adapter (ranks cut to the allocated pattern, as PEFT saves it) plus the
+        full-rank trainable state for resuming (`adalora_resume.safetensors`)."""
+        import json
+
+        from safetensors.torch import save_file
+
+        import warnings
+
+        with warnings.catch_warnings():  # matrices pruned to rank 0 save as (0, n): PEFT mistakes them for ZeRO-3 shards
+            warnings.filterwarnings("ignore", message=".*have invalid shape.*")
+            model.save_pretrained(out_dir, safe_serialization=True)
+        full = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(full, os.path.join(out_dir, ADALORA_RESUME))
+        cfg = model.peft_config[model.active_adapter]
+        with open(os.path.join(out_dir, ADALORA_RESUME + ".json"), "w") as f:
+            json.dump({"rank_pattern": cfg.rank_pattern}, f)
+
+    def load_into(self, model, src_dir: str) -> None:
+        """Resume: full-rank weights back in place; the rank pattern if it was fixed already.
+        The allocator's importance averages restart (they are not in the adapter)."""
+        import json
+
+        import torch
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(src_dir, ADALORA_RESUME))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
+        with open(os.path.join(src_dir, ADALORA_RESUME + ".json")) as f:
+            pattern = json.load(f)["rank_pattern"]
+        if pattern:
+            model.peft_config[model.active_adapter].rank_pattern = pattern
+
+
+ADALORA_RESUME = "adalora_resume.safetensors"
+
+
+def resolve_targets(targets, layers_to_transform, model):
+    """PEFT refuses `layers_to_transform` with the string "all-linear", so then we expand it
+    ourselves: the leaf names of every Linear inside the decoder layers (never the LM head).
+    Without the model (driver-side check) a stand-in name lets PEFT check the rest."""
+    if targets != "all-linear" or layers_to_transform is None:
+        return targets
+    if model is None:
+        return ["q_proj"]
+    import re
+
+    import torch.nn as nn
+
+    leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and re.search(r"\.(?:layers|h|blocks|layer)\.\d+\.", f".{name}.")}
+    if not leaves:
+        raise ValueError("target_modules: all-linear found no Linear layers inside numbered decoder layers")
+    return sorted(leaves)
+
+
+def check_schedule(o, total_steps: int) -> None:
+    """AdaLoRA needs a budgeting phase: tinit < total_steps - tfinal."""
+    from raylib.errors import ConfigError
+
+    if o.tinit >= total_steps - o.tfinal:
+        raise ConfigError(
+            "method.tinit",
+            f"no rank-budgeting phase: tinit ({o.tinit}) >= total steps ({total_steps}) - tfinal ({o.tfinal})",
+            "lower method.tinit / method.tfinal, or train longer (train.max_steps / train.epochs)",
+        )
+
+
+class IA3(PeftMethod):
+    name = "ia3"
+    Options = IA3Options
+
+    def peft_config(self, job, model=None):
+        from peft import IA3Config
+
+        o = job.method
+        kwargs = dict(task_type=self.task_type, modules_to_save=o.modules_to_save, **o.extra)
+        if o.target_modules is not None:
+            kwargs["target_modules"] = o.target_modules
+            kwargs["feedforward_modules"] = o.feedforward_modules or []
+        if o.layers_to_transform is not None:  # IA3Config has no layers_to_transform: a regex does it
+            import re
+
+            layers = "|".join(str(i) for i in o.layers_to_transform)
+            leaves = "|".join(re.escape(m) for m in o.target_modules)
+            kwargs["target_modules"] = rf".*\.(?:layers|h|blocks|layer)\.(?:{layers})\..*\.(?:{leaves})"
+        elif o.feedforward_modules is not None:
+            kwargs["feedforward_modules"] = o.feedforward_modules
+        return IA3Config(**kwargs)
+
+    def check(self, job) -> None:
+        from raylib.errors import ConfigError
+
+        o = job.method
+        if o.layers_to_transform is not None and not isinstance(o.target_modules, list):
+            raise ConfigError("method.layers_to_transform", "ia3 needs the module names to restrict to layers",
+                              "also set method.target_modules to a list, e.g. [k_proj, v_proj, down_proj]")
+        if o.feedforward_modules and isinstance(o.target_modules, list):
+            extra = sorted(set(o.feedforward_modules) - set(o.target_modules))
+            if extra:
+                raise ConfigError("method.feedforward_modules", f"{extra} are not in method.target_modules",
+                                  "feedforward_modules must be a subset of target_modules")
+        super().check(job)
+
+
+class _PromptLearning(PeftMethod):
+    """Shared checks: no target_modules (nothing is injected into layers); no packing (PEFT
+    drops position_ids for prompt learning, so packed examples would attend to each other
+    and only the first would see the virtual tokens)."""
+
+    supports_packing = False
+
+    def check(self, job) -> None:
+        from raylib.errors import ConfigError
+
+        o = job.method
+        if o.target_modules is not None:
+            raise ConfigError(
+                "method.target_modules",
+                f"{o.name} learns virtual tokens and does not target modules",
+                "remove method.target_modules, or use method.name: lora / adalora / ia3 to adapt chosen modules",
+            )
+        if job.data.packing:
+            raise ConfigError(
+                "data.packing",
+                f"{o.name} cannot train on packed sequences (PEFT ignores position_ids for prompt learning)",
+                "set data.packing: false (the default for prompt-learning methods)",
+            )
+        super().check(job)
+
+    def common(self, job) -> dict:
+        o = job.method
+        out = dict(task_type=self.task_type, num_virtual_tokens=o.num_virtual_tokens, **o.extra)
+        if o.modules_to_save is not None:
+            out["modules_to_save"] = o.modules_to_save
+        return out
+
+
+class PrefixTuning(_PromptLearning):
+    name = "prefix"
+    Options = PrefixOptions
+
+    def peft_config(self, job, model=None):
+        from peft import PrefixTuningConfig
+
+        o = job.method
+        kwargs = self.common(job)
+        if o.encoder_hidden_size is not None:
+            kwargs["encoder_hidden_size"] = o.encoder_hidden_size
+        return PrefixTuningConfig(prefix_projection=o.prefix_projection, **kwargs)
+
+
+class PTuning(_PromptLearning):
+    name = "ptuning"
+    Options = PTuningOptions
+
+    def peft_config(self, job, model=None):
+        from peft import PromptEncoderConfig
+
+        o = job.method
+        return PromptEncoderConfig(
+            encoder_reparameterization_type=o.encoder_reparameterization_type,
+            encoder_hidden_size=o.encoder_hidden_size,
+            encoder_num_layers=o.encoder_num_layers,
+            encoder_dropout=o.encoder_dropout,
+            **self.common(job),
+        )
+
+
+class PromptTuning(_PromptLearning):
+    name = "prompt"
+    Options = PromptOptions
+
+    def check(self, job) -> None:
+        from raylib.errors import ConfigError
+
+        o = job.method
+        if o.init == "text" and not (o.init_text and o.init_text.strip()):
+            raise ConfigError("method.init_text", "init: text needs the text to initialise the prompt from",
+                              "set method.init_text (e.g. 'Classify the sentiment of the sentence.') or init: random")
+        if o.init == "random" and o.init_text:
+            raise ConfigError("method.init_text", "init_text is only used with init: text",
+                              "set method.init: text, or remove method.init_text")
+        super().check(job)
+
+    def peft_config(self, job, model=None):
+        from peft import PromptTuningConfig, PromptTuningInit
+
+        o = job.method
+        kwargs = self.common(job)
+        if o.init == "text":
+            kwargs.update(
+                prompt_tuning_init=PromptTuningInit.TEXT,
+                prompt_tuning_init_text=o.init_text,
+                tokenizer_name_or_path=job.model.tokenizer or job.model.path,
+            )
+        return PromptTuningConfig(**kwargs)

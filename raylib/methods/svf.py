@@ -323,6 +323,10 @@ class SVF(Method):
     def load_into(self, model, src_dir: str) -> None:
         set_z(model, load_z(src_dir))
 
+    def merge(self, base_model, src_dir: str):
+        """U·diag(σ⊙z)·Vᵀ written back as plain Linear weights (`merge` above)."""
+        return merge(self.load(base_model, src_dir))
+
     def load(self, base_model, src_dir: str):
         cfg = read_svf_config(src_dir)
         apply_svf(base_model, cfg["targets"], cfg["layers"], forward="rebuild")

@@ -43,7 +43,7 @@ class SVFLinear(nn.Module):
         self.z = nn.Parameter(z)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.mode = mode
-        self._cache: tuple | None = None  # (z version, z data_ptr, W')
+        self._cache: tuple | None = None  # (dtype, z values, W')
 
     @property
     def rank(self) -> int:
@@ -71,11 +71,14 @@ class SVFLinear(nn.Module):
         if torch.is_grad_enabled() and self.z.requires_grad:
             w = (self.U.to(x.dtype) * scale) @ self.Vh.to(x.dtype)
             return F.linear(x, w, self.bias)
-        key = (self.z._version, self.z.data_ptr(), x.dtype)
-        if self._cache is None or self._cache[0] != key:
+        # cache valid while z holds the same values (compared by value, O(rank): DeepSpeed ZeRO-2
+        # writes updated weights through `.data` of its flat buffers, which changes neither z's
+        # version counter nor its data pointer)
+        z = self.z.detach()
+        if self._cache is None or self._cache[0] != x.dtype or not torch.equal(self._cache[1], z):
             with torch.no_grad():
-                self._cache = (key, (self.U.to(x.dtype) * scale) @ self.Vh.to(x.dtype))
-        return F.linear(x, self._cache[1], self.bias)
+                self._cache = (x.dtype, z.clone(), (self.U.to(x.dtype) * scale) @ self.Vh.to(x.dtype))
+        return F.linear(x, self._cache[2], self.bias)
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding the merged weight U·diag(σ⊙z)·Vᵀ."""

@@ -26,6 +26,41 @@ def _rl_options() -> list:
 
 OBJECTIVE_OPTIONS = [SFTOptions]
 OBJECTIVE_OPTIONS += _rl_options()  # issue 5: reinforce, ppo, grpo (raylib/objectives/rl.py)
+
+
+def _classification_options() -> list:
+    from raylib.objectives.classification import ClassificationOptions
+
+    return [ClassificationOptions]
+
+
+OBJECTIVE_OPTIONS += _classification_options()  # issue 4: heads (raylib/objectives/classification.py)
 ObjectiveOptions = (
     Annotated[Union[tuple(OBJECTIVE_OPTIONS)], Field(discriminator="name")] if len(OBJECTIVE_OPTIONS) > 1 else SFTOptions
 )
+
+
+def loop_objective(name: str):
+    """The module the SFT-style worker loop (train_loop.run) uses for data, loss and eval:
+    it has prepare(job, tokenizer, model, device), collator(job, tokenizer), loss(model,
+    batch) and evaluate(...). RL objectives run their own loops instead."""
+    if name == "classification":
+        from raylib.objectives import classification
+
+        return classification
+    from raylib.objectives import sft
+
+    return sft
+
+
+def check_objective(job) -> None:
+    """Objective/method pairings that cannot work (driver side, before Ray)."""
+    from raylib.errors import ConfigError
+
+    if job.objective.name == "classification" and job.method.name != "heads":
+        raise ConfigError("method.name", f"objective classification trains classification heads; {job.method.name!r} has none",
+                          "set method.name: heads (with method.tasks), or objective.name: sft")
+    if job.method.name == "adalora" and job.objective.name in ("reinforce", "ppo", "grpo"):
+        # the RL loops neither call the rank allocator nor compute PEFT's labelled loss (orth reg)
+        raise ConfigError("method.name", f"adalora is not wired into the {job.objective.name} loop (no rank allocation)",
+                          "use method.name: lora for RL objectives, or objective.name: sft")

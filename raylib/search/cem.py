@@ -175,9 +175,16 @@ def run_cem(expert_dirs: list[str], fewshot: str, out_dir: str, opts: CEMOptions
 
     from raylib import launch
 
-    expert_dirs = [os.path.abspath(d) for d in expert_dirs]
+    from raylib import storage
+    from raylib.experts import EXPERT_FILE, resolve_expert
+
+    # experts may be URIs (s3://.../run): fetched once into the local expert cache
+    sources = [d if storage.is_uri(d) else os.path.abspath(d) for d in expert_dirs]
+    expert_dirs = [resolve_expert(d, "--experts") for d in expert_dirs]
     meta, rows = preflight(expert_dirs, fewshot, opts)
-    out_dir = os.path.abspath(out_dir)
+    out_loc = storage.resolve(out_dir, "--out")
+    storage.probe(out_loc, "--out")
+    out_dir = storage.staging_dir(out_loc)  # a URI: written locally, uploaded at the end
     os.makedirs(out_dir, exist_ok=True)
     launch.connect(address)
 
@@ -204,7 +211,7 @@ def run_cem(expert_dirs: list[str], fewshot: str, out_dir: str, opts: CEMOptions
             refs = [a.score.remote([cands[i].tolist() for i in idx]) for a, idx in zip(actors, chunks) if len(idx)]
             return [s for part in ray.get(refs) for s in part]
 
-        for it in range(opts.iterations):
+        for it in range(opts.iterations):  # (a failing actor raises out of evaluate: see below)
             cands = np.clip(rng.normal(mean, std, size=(opts.population, *shape)), lo, hi)
             if it == 0:  # start from each expert alone and the uniform mix
                 anchors = [np.broadcast_to(np.eye(k)[j].reshape((k,) + (1,) * (len(shape) - 1)), shape) for j in range(k)]
@@ -224,13 +231,23 @@ def run_cem(expert_dirs: list[str], fewshot: str, out_dir: str, opts: CEMOptions
                 "iteration": it, "best": float(values.max()), "mean": float(values.mean()), "best_so_far": best["score"],
                 "mean_alphas": mean.tolist(), "std_alphas": std.tolist(),
             })
+    except ray.exceptions.RayError as exc:  # an actor died or a score/reward function raised
+        from raylib.errors import TrainingFailed
+
+        kind, last, logs = launch.root_cause(exc)
+        raise TrainingFailed(f"the CEM search failed while scoring candidates: {kind}: {last}. "
+                             f"Actor output is in {logs}; no expert was written to {out_loc.uri}.") from exc
     finally:
         for a in actors:
             ray.kill(a)
     wall = time.time() - started
     result = CEMResult(alphas=best["alphas"], score=best["score"], expert_dir=out_dir, history=history,
-                       single_expert_scores=singles, wall_time_s=round(wall, 2))
+                       single_expert_scores={src: singles[d] for src, d in zip(sources, expert_dirs) if d in singles}, wall_time_s=round(wall, 2))
     _write_outputs(result, expert_dirs, meta, opts, fewshot, n_actors)
+    if out_loc.is_remote:
+        storage.delete_file(out_loc, EXPERT_FILE)
+        storage.upload_dir(out_dir, out_loc, last=EXPERT_FILE)
+        result.expert_dir = out_loc.uri
     return result
 
 

@@ -50,19 +50,27 @@ class SearchResult:
 
 
 def search_dir_for(job: JobConfig, search: SearchConfig) -> str:
-    return os.path.abspath(search.dir or os.path.normpath(job.output.dir) + "-search")
+    """A path or a URI (then trials, checkpoints and outputs all live in that storage)."""
+    from raylib import storage
+
+    where = search.dir or job.output.dir.rstrip("/") + "-search"
+    return storage.resolve(where, "search.dir").uri
 
 
 def preflight(job: JobConfig, search: SearchConfig, resume: bool) -> str:
     """Checks that need no cluster; returns the search directory."""
     from raylib import launch
 
-    launch.preflight(job, resume=False)  # model, data, writable output
+    launch.preflight(job, resume=False, probe=False)  # model, data (the search dir is probed below)
     if search.scheduler.name == "asha" and not (search.scheduler.max_t or job.train.max_steps):
         raise ConfigError("search.scheduler.max_t", "ASHA needs the trial length in steps",
                           "set train.max_steps in the job or scheduler.max_t in the search file")
+    from raylib import storage
+
     out = search_dir_for(job, search)
-    exists = os.path.isdir(os.path.join(out, EXPERIMENT))
+    loc = storage.resolve(out, "search.dir")
+    storage.probe(loc, "search.dir")
+    exists = storage.exists(loc, EXPERIMENT)
     if exists and not resume:
         raise ConfigError("search.dir", f"{out!r} already holds a search", "pass --resume to continue it, or set dir to a new path")
     if resume and not exists:
@@ -77,8 +85,10 @@ def run_search(job: JobConfig, search: SearchConfig, *, resume: bool = False, ad
     from raylib import launch
 
     job = launch.resolve_paths(job)
+    from raylib import storage
+
     out = preflight(job, search, resume)
-    os.makedirs(out, exist_ok=True)
+    loc = storage.resolve(out, "search.dir")
     base = job.to_dict()
     metric, mode = search.metric, search.mode
 
@@ -89,9 +99,9 @@ def run_search(job: JobConfig, search: SearchConfig, *, resume: bool = False, ad
         # itself asks for memory alone (Tune refuses an all-zero request)
         {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY},
     )
-    path = os.path.join(out, EXPERIMENT)
     if resume:
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(loc.join(EXPERIMENT).path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=loc.fs)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -107,15 +117,27 @@ def run_search(job: JobConfig, search: SearchConfig, *, resume: bool = False, ad
             ),
             run_config=tune.RunConfig(
                 name=EXPERIMENT,
-                storage_path=out,
+                **loc.ray_storage(),  # a local path, or a URI's pyarrow filesystem
                 failure_config=tune.FailureConfig(max_failures=search.max_failures),
                 verbose=1,
             ),
         )
     started = time.time()
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except Exception as exc:  # Tune itself failed (trial failures are in the grid, not raised)
+        from raylib.errors import TrainingFailed
+
+        kind, last, logs = launch.root_cause(exc)
+        raise TrainingFailed(f"the search failed: {kind}: {last}. Trial and worker output is in {logs}; "
+                             f"Tune's state is in {out}/{EXPERIMENT} (continue with --resume).") from exc
     result = _collect(grid, out, metric, mode)
-    _write_outputs(result, base, job, search, time.time() - started)
+    local = storage.staging_dir(loc)  # the summary files: written here, uploaded for a URI
+    _write_outputs(result, base, job, search, time.time() - started, local)
+    if loc.is_remote:
+        for name in ("results.csv", "best_job.yaml", "metric_vs_step.png", "search.json"):
+            if os.path.exists(os.path.join(local, name)):
+                storage.upload_file(os.path.join(local, name), loc, name)
     return result
 
 
@@ -131,12 +153,13 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], search_dir: str, met
     raw = copy.deepcopy(base)
     for path, value in params.items():
         set_field(raw, path, value)
-    trial_dir = os.path.join(search_dir, "trials", tune.get_context().get_trial_id())
+    from raylib import storage
+
+    trial_loc = storage.resolve(search_dir, "search.dir").join("trials", tune.get_context().get_trial_id())
+    trial_dir = trial_loc.uri
     raw["output"]["dir"] = trial_dir
     job = validate_job(raw, source="trial")
-    os.makedirs(trial_dir, exist_ok=True)
-    with open(os.path.join(trial_dir, "job.yaml"), "w") as f:
-        yaml.safe_dump(raw, f, sort_keys=False)
+    storage.write_text(trial_loc, "job.yaml", yaml.safe_dump(raw, sort_keys=False))
     started = time.time()
     trainer = launch.build_trainer(job, storage_path=trial_dir, callbacks=[_report_callback(metric)])
     launch.finish_run(trainer.fit(), trial_dir, started)
@@ -189,16 +212,18 @@ def _scheduler(job: JobConfig, search: SearchConfig):
 
 
 def _collect(grid, out: str, metric: str, mode: str) -> SearchResult:
-    from raylib.experts import is_expert
+    from raylib import storage
+    from raylib.experts import EXPERT_FILE
 
     rows, failed = [], []
     for r in grid:
         trial_id = _trial_id(r)
-        trial_dir = os.path.join(out, "trials", trial_id)
+        trial_loc = storage.resolve(out, "search.dir").join("trials", trial_id)
+        trial_dir = trial_loc.uri
         last = r.metrics or {}
-        finished = is_expert(trial_dir)
+        finished = storage.is_file(trial_loc, EXPERT_FILE)
         if finished:  # the run's own final metrics: Tune may not have persisted the last report
-            last = {**last, **_run_metrics(trial_dir)}  # (driver killed after the trial ended)
+            last = {**last, **_run_metrics(trial_loc)}  # (driver killed after the trial ended)
         status = "FAILED" if r.error else ("FINISHED" if finished else "STOPPED")
         row = {
             "trial_id": trial_id,
@@ -222,10 +247,11 @@ def _collect(grid, out: str, metric: str, mode: str) -> SearchResult:
     return SearchResult(search_dir=out, rows=rows, best=best, failed=failed, early_stopped=stopped)
 
 
-def _run_metrics(trial_dir: str) -> dict:
+def _run_metrics(trial_loc) -> dict:
+    from raylib import storage
+
     try:
-        with open(os.path.join(trial_dir, "run.json")) as f:
-            return json.load(f).get("metrics", {})
+        return json.loads(storage.read_text(trial_loc, "run.json")).get("metrics", {})
     except (OSError, ValueError):
         return {}
 
@@ -247,17 +273,18 @@ def _history(result, metric: str) -> list[tuple[int, float]]:
 
 
 def _first_line(error: BaseException) -> str:
-    cause = error
-    while getattr(cause, "__cause__", None) is not None:
-        cause = cause.__cause__
-    lines = [line for line in str(cause).splitlines() if line.strip()]
-    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:300]
+    from raylib.launch import root_cause
+
+    kind, last, _ = root_cause(error)
+    return f"{kind}: {last}"[:400]
 
 
-def _write_outputs(result: SearchResult, base: dict, job: JobConfig, search: SearchConfig, wall: float) -> None:
+def _write_outputs(result: SearchResult, base: dict, job: JobConfig, search: SearchConfig, wall: float,
+                   local: str) -> None:
+    """results.csv, best_job.yaml, metric_vs_step.png, search.json into the local directory `local`."""
     out, metric = result.search_dir, search.metric
     columns = [k for k in result.rows[0] if not k.startswith("_")] if result.rows else []
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+    with open(os.path.join(local, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result.rows)
@@ -267,9 +294,9 @@ def _write_outputs(result: SearchResult, base: dict, job: JobConfig, search: Sea
             if key.startswith("config/"):
                 set_field(raw, key.removeprefix("config/"), value)
         raw["output"]["dir"] = job.output.dir
-        with open(os.path.join(out, "best_job.yaml"), "w") as f:
+        with open(os.path.join(local, "best_job.yaml"), "w") as f:
             yaml.safe_dump(raw, f, sort_keys=False)
-    _plot(result, metric, os.path.join(out, "metric_vs_step.png"))
+    _plot(result, metric, os.path.join(local, "metric_vs_step.png"))
     summary = {
         "search_dir": out,
         "trials": len(result.rows),
@@ -277,10 +304,10 @@ def _write_outputs(result: SearchResult, base: dict, job: JobConfig, search: Sea
         "early_stopped": result.early_stopped,
         "failed": result.failed,
         "best": {k: v for k, v in (result.best or {}).items() if not k.startswith("_")} or None,
-        "best_job": os.path.join(out, "best_job.yaml") if result.best else None,
+        "best_job": f"{out}/best_job.yaml" if result.best else None,
         "wall_time_s": round(wall, 1),
     }
-    with open(os.path.join(out, "search.json"), "w") as f:
+    with open(os.path.join(local, "search.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
 
 
