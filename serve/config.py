@@ -213,6 +213,12 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _servable() -> set[str]:
+    from raylib.methods import METHODS
+
+    return set(METHODS) - {"heads"}  # heads experts classify; they do not generate text
+
+
 def _check_paths(cfg: ServeConfig) -> None:
     from raylib.experts import read_expert
 
@@ -225,8 +231,9 @@ def _check_paths(cfg: ServeConfig) -> None:
             info = read_expert(spec.path)
         except FileNotFoundError as exc:
             raise ConfigError(f"experts.{name}.path", str(exc), "point it at a dir written by raylib train/cem") from None
-        if info.method not in ("lora", "qlora", "svf", "full"):
-            raise ConfigError(f"experts.{name}.path", f"method {info.method!r} cannot be served", "serve lora/svf/full experts")
+        if info.method in ("heads",) or info.method not in _servable():
+            raise ConfigError(f"experts.{name}.path", f"method {info.method!r} cannot be served as a text generator",
+                              f"serve experts of {sorted(_servable())}")
     r = cfg.router
     if r.strategy == "cem":
         path = cfg.expert_specs()[r.cem_expert].path

@@ -8,7 +8,8 @@ base model*:
   (`generate(..., adapter_names=[...])`, PEFT's mixed-adapter batches, `__base__` = no adapter);
 - SVF experts share one base with `apply_svf`; a request sets that expert's z vectors
   (`set_z`, an in-place copy) and batches are grouped per expert;
-- full fine-tuned experts are separate models (nothing to share).
+- full fine-tuned experts and the other PEFT methods (ia3, adalora, prefix, prompt tuning:
+  no mixed-adapter batches in PEFT) are one model each.
 
 The base model (`base`) is the PEFT model with adapters off, or the SVF model with z = 1, or
 a plain copy when there is neither. Generation is `model.generate` with the KV cache; a lock
@@ -108,11 +109,11 @@ class Engine:
                 if include_base and BASE not in self.slots:
                     self.slots[BASE] = _Slot("svf", model, base_template, z=None)
         for name, info in infos.items():
-            if info.method == "full":
+            if info.method not in ("lora", "qlora", "svf"):  # full, and PEFT methods without mixed batches
                 from raylib.methods import get_method
 
-                self.slots[name] = _Slot("full", get_method("full").load(fresh(), experts[name]).to(self.device).eval(),
-                                         info.template)
+                model = get_method(info.method).load(fresh(), experts[name]).to(self.device).eval()
+                self.slots[name] = _Slot("full", model, info.template)
         if include_base and BASE not in self.slots:
             self.slots[BASE] = _Slot("base", fresh(), base_template)
         self.load_s = time.perf_counter() - t0
