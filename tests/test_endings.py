@@ -99,7 +99,6 @@ def test_ray_job_submit_reports_failed_for_a_failing_run(tmp_path, tiny_model, d
         streamed = proc.stdout + proc.stderr  # `ray job submit` follows the job's log until it ends
         assert proc.returncode != 0, streamed[-4000:]
         assert "error: training failed:" in streamed and "no_such_module" in streamed, streamed[-4000:]
-        assert "failed" in streamed.lower().split("error: training failed:")[-1], streamed[-4000:]
         # Ray's own CLI with the head's environment (token auth): the status Ray recorded
         status = subprocess.run(["ray", "job", "status", "--address", head.dashboard, submission_id], env=head.env,
                                 capture_output=True, text=True, timeout=120, cwd=REPO)
