@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 import yaml
-from helpers import REPO, job_dict, run_cli, stray_stderr, write_job
+from helpers import REPO, job_dict, run_cli, write_job
 
 ENV = {"PYTHONPATH": REPO}  # the test reward module (tests/rl_rewards.py) for the Ray workers
 
