@@ -102,7 +102,7 @@ def test_ray_job_submit_reports_failed_for_a_failing_run(tmp_path, tiny_model, d
         # Ray's own CLI with the head's environment (token auth): the status Ray recorded
         status = subprocess.run(["ray", "job", "status", "--address", head.dashboard, submission_id], env=head.env,
                                 capture_output=True, text=True, timeout=120, cwd=REPO)
-        assert "FAILED" in status.stdout + status.stderr, status.stdout + status.stderr
+        assert f"Job '{submission_id}' failed" in status.stdout + status.stderr, status.stdout + status.stderr
         logs = subprocess.run(["ray", "job", "logs", "--address", head.dashboard, submission_id], env=head.env,
                               capture_output=True, text=True, timeout=120, cwd=REPO).stdout
         assert "error: training failed:" in logs and "no_such_module" in logs, logs[-4000:]
