@@ -81,7 +81,21 @@ def build_optimizer(model, train_cfg):
 
 #: (method, ZeRO stage) pairs that cannot run under DeepSpeed, with the reason (a ConfigError
 #: before Ray starts). Every other method of the registry runs on both stages (tests/test_backends.py).
+_ADALORA = (
+    "AdaLoRA's rank allocator (update_and_allocate) scores every LoRA weight by its gradient after "
+    "backward, but under DeepSpeed the gradients live in ZeRO's partitioned buffers and the engine "
+    "step (inside accelerator.backward) has already consumed them ('Gradients are only available "
+    "immediately after backward and before engine step'); training on would silently be plain LoRA"
+)
+
 DEEPSPEED_UNSUPPORTED: dict[tuple[str, int], str] = {
+    ("adalora", 2): _ADALORA,
+    ("adalora", 3): _ADALORA,
+    ("heads", 3): (
+        "heads run the frozen backbone outside the DeepSpeed engine (the feature cache and pooling), "
+        "but ZeRO-3 partitions the backbone's weights while it loads, so that forward fails; heads "
+        "train a few thousand parameters, so ZeRO-2 (or accelerate) loses nothing"
+    ),
     ("qlora", 3): (
         "ZeRO-3 partitions parameters while the model loads (zero.Init), and transformers refuses the "
         "device_map that places bitsandbytes 4-bit weights ('DeepSpeed Zero-3 is not compatible with "
@@ -184,9 +198,10 @@ def check(job) -> None:
     if b.offload_params and b.zero_stage != 3:
         raise ConfigError("backend.offload_params", f"parameter offload needs ZeRO stage 3 (zero_stage is {b.zero_stage})",
                           "set backend.zero_stage: 3, or remove backend.offload_params")
-    if job.objective.name != "sft":
+    if job.objective.name not in ("sft", "classification"):
         raise ConfigError("backend.name", f"objective {job.objective.name!r} has its own loop (rollouts, TRL for grpo), "
-                          "which is not run or tested under DeepSpeed; the DeepSpeed backend runs the SFT loop",
+                          "which is not run or tested under DeepSpeed; the DeepSpeed backend runs the worker loop "
+                          "of sft and classification",
                           "use backend.name: accelerate with this objective")
     reason = deepspeed_unsupported(job.method.name, b.zero_stage)
     if reason:
