@@ -191,7 +191,9 @@ def check(job) -> None:
     b = job.backend
     if b.name != "deepspeed":
         for key in ("zero_stage", "offload_optimizer", "offload_params", "config"):
-            if key in b.model_fields_set:
+            # a resolved job (job.yaml, Tune trials) spells out every default: only a value
+            # that differs from the default means the user set a DeepSpeed option here
+            if key in b.model_fields_set and getattr(b, key) != type(b).model_fields[key].get_default(call_default_factory=True):
                 raise ConfigError(f"backend.{key}", f"is a DeepSpeed option, but backend.name is {b.name!r}",
                                   f"set backend.name: deepspeed, or remove backend.{key}")
         return

@@ -24,6 +24,9 @@ class ConfigError(RaylibError):
             message += f" (fix: {fix})"
         super().__init__(message)
 
+    def __reduce__(self):  # Ray pickles exceptions raised in workers/trials: keep all three parts
+        return (self.__class__, (self.field, self.problem, self.fix))
+
 
 class DataError(ConfigError):
     """The data named by the config cannot be used (missing file, empty, no valid rows)."""

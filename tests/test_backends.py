@@ -324,3 +324,11 @@ def test_every_method_on_deepspeed(stage, tiny_model, demo_data, tmp_path, monke
             if abs(again - r["after"]) > tol:
                 problems[name] = f"the reloaded expert scores {again:.6f}, the run ended at {r['after']:.6f}"
     assert not problems, json.dumps(problems, indent=1)
+
+
+@pytest.mark.parametrize("backend", [{"name": "accelerate"}, {"name": "deepspeed", "zero_stage": 3}])
+def test_a_resolved_job_validates_again(backend, tiny_model, demo_data, tmp_path):
+    """job.yaml and Tune trials carry the resolved job (every default spelled out): it must
+    validate again as the same job."""
+    job = validate_job(job_dict(tiny_model, demo_data, str(tmp_path / "o"), backend=backend))
+    assert validate_job(job.to_dict()).to_dict() == job.to_dict()
