@@ -178,6 +178,8 @@ class Engine:
         """Make the model compute as expert `name` (all of `batch_names` for PEFT batches);
         returns (model, extra generate kwargs)."""
         slot = self.slots[name]
+        if slot.family == "base-peft" and not slot.model.peft_config:  # every adapter removed at run time
+            return slot.model.base_model.model, {}
         if slot.family in ("peft", "base-peft"):
             names = [(self.slots[n].adapter or n) if self.slots[n].family == "peft" else PEFT_BASE for n in batch_names]
             return slot.model, {"adapter_names": names}
