@@ -660,3 +660,28 @@ def test_engine_without_experts_takes_them_in_place(tiny_model, serve_experts):
     assert engine.names == ["base"]
     out = engine.generate([{**reqs[0], "registry": {"strings": serve_experts["strings"]}}])[0]
     assert out["text"] == want[0] and engine.names == ["base", "strings"]
+
+
+@pytest.mark.slow
+def test_multi_deployment_takes_experts_and_mixes_in_the_base_replica(app, multi_app, more_experts):
+    """Multi-deployment: a run-time expert and the mixes are served by the `base` replica (which
+    loads them into its own engine) and answer like the single-device app."""
+    from ray import serve
+
+    url, single = multi_app["url"], app["url"]
+    status, added = _req(url, "POST", "/admin/experts", {"name": "arith_lora", "path": more_experts["arith_lora"]})
+    assert status == 201 and added["deployment"] == "base" and added["shared_base"] is True, added
+    assert set(serve.status().applications["multi"].deployments) == {"router", "base", *(f"expert-{d}" for d in DOMAINS)}
+    _req(single, "POST", "/admin/experts", {"name": "arith_lora", "path": more_experts["arith_lora"]})
+    try:
+        text = PROMPTS["arithmetic"][1]
+        for kw in ({"model": "arith_lora"}, {"model": "mix", "experts": {"arithmetic": 0.5, "comparison": 0.5}},
+                   {"model": "mix", "experts": {"arith_lora": 0.5, "strings": 0.5}}):
+            status, m, _ = _chat(url, text, **kw)
+            _, s, _ = _chat(single, text, **kw)
+            assert status == 200 and m["expert"] == s["expert"], m
+            assert m["choices"][0]["message"]["content"] == s["choices"][0]["message"]["content"], (kw, m, s)
+    finally:
+        _req(url, "DELETE", "/admin/experts/arith_lora")
+        _req(single, "DELETE", "/admin/experts/arith_lora")
+    assert _chat(url, text, model="arith_lora")[0] == 404
