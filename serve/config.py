@@ -18,6 +18,7 @@ Example::
     http: {host: 127.0.0.1, port: 8000}
     api_key_env: null                # name of an env var holding the bearer key
     limits: {max_prompt_tokens: 1024, max_tokens: 256, max_body_bytes: 65536}
+    mix_cache: 4                     # per-request mixes ("model": "mix") kept built per replica (LRU)
 
 Every error names the field (`router.keywords`, `experts.math.path`, ...) and the fix.
 """
