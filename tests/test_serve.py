@@ -660,6 +660,15 @@ def test_engine_without_experts_takes_them_in_place(tiny_model, serve_experts):
     assert engine.names == ["base"]
     out = engine.generate([{**reqs[0], "registry": {"strings": serve_experts["strings"]}}])[0]
     assert out["text"] == want[0] and engine.names == ["base", "strings"]
+    # mixes are cached per weight set, LRU-evicted beyond mix_cache (a LoRA mix's adapter is deleted)
+    engine.mix_cache = 1
+    first = engine.generate([{**reqs[0], "mix": {"strings": 0.5}}])[0]
+    adapter = engine.slots[first["expert"]].adapter
+    assert first["expert"] == "mix(strings=0.5)" and adapter in engine.slots["strings"].model.peft_config
+    assert engine.generate([{**reqs[0], "mix": {"strings": 0.5}}])[0]["text"] == first["text"]
+    engine.generate([{**reqs[0], "mix": {"strings": 0.25}}])
+    assert list(engine._mixes.values()) == ["mix(strings=0.25)"]
+    assert adapter not in engine.slots["strings"].model.peft_config
 
 
 @pytest.mark.slow
