@@ -12,7 +12,8 @@ base model*:
   no mixed-adapter batches in PEFT) are one model each.
 
 The base model (`base`) is the PEFT model with adapters off, or the SVF model with z = 1, or
-a plain copy when there is neither.
+a plain copy when there is neither. Generation is `model.generate` with the KV cache; a lock
+keeps one generate at a time per replica (adapter routing and z are per-model state).
 
 Experts can be added and removed while the replica serves (`add_expert` / `remove_expert`,
 or lazily from a request's `registry` {name: path or URI}, which also re-creates them in a
@@ -24,8 +25,7 @@ copy of the base weights.
 
 A request may also mix experts (`mix` {name: weight}): SVF experts by z_mix = sum w_k z_k
 (`svf.mix`), LoRA experts by PEFT's `add_weighted_adapter` (`combination` linear or cat). Each
-weight set becomes a slot of its own, kept in a small LRU cache (`mix_cache` entries). Generation is `model.generate` with the KV cache; a lock
-keeps one generate at a time per replica (adapter routing and z are per-model state).
+weight set becomes a slot of its own, kept in a small LRU cache (`mix_cache` entries).
 """
 
 from __future__ import annotations
@@ -348,10 +348,12 @@ class Engine:
             raise ValueError("mix experts, not the base model")
         slots = [self.slots[n] for n in names]
         families = {s.family for s in slots}
-        label = "mix(" + ",".join(f"{n}={w:g}" for n, w in items) + (")" if combination == "linear" else f";{combination})")
+        label = "mix(" + ",".join(f"{n}={w:g}" for n, w in items)
+        label += ")" if combination == "linear" else f";{combination})"
         if families == {"svf"}:
             if len({id(s.model) for s in slots}) > 1:
-                raise ValueError(f"SVF experts {names} adapt different modules (targets/layers): cannot mix their z vectors")
+                raise ValueError(f"SVF experts {names} adapt different modules (targets/layers): "
+                                 "cannot mix their z vectors")
             if combination != "linear":
                 raise ValueError(f"SVF experts mix linearly (z = sum w_k z_k); combination {combination!r} is for LoRA")
             slot = _Slot("svf", slots[0].model, slots[0].template, z=svf.mix([s.z for s in slots], ws))

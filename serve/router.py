@@ -231,7 +231,9 @@ class Router:
             writer = api.ChunkWriter(chat, name, include_usage)
             started = False
             try:
-                one = {**payload, "expert": name} if name == payload["expert"] else {**payload, "expert": name, "mix": None}
+                one = {**payload, "expert": name}
+                if name != payload["expert"]:  # the fallback answers alone
+                    one["mix"] = None
                 gen = self._handle(name).options(stream=True).stream.remote(one)
                 async for item in gen:
                     if "error" in item:
@@ -334,8 +336,9 @@ class Router:
                 raise api.ApiError(409, f"expert {name!r} exists; DELETE /admin/experts/{name} first", param="name",
                                    code="expert_exists")
             if req.keywords and not isinstance(self.strategy, Keywords):
-                raise api.ApiError(400, f"keywords: router.strategy is {self.strategy.name}, keywords only route with "
-                                        f"strategy keywords (the expert is reachable as model={name!r})", param="keywords")
+                raise api.ApiError(400, f"keywords: router.strategy is {self.strategy.name}, keywords only route "
+                                        f"with strategy keywords (the expert is reachable as model={name!r})",
+                                   param="keywords")
             try:
                 info = read_expert(await asyncio.to_thread(resolve_expert, req.path, "path"))
             except (ConfigError, FileNotFoundError) as exc:

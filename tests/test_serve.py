@@ -486,14 +486,15 @@ def more_experts(serve_experts, tiny_model, tmp_path_factory) -> dict[str, str]:
     out["svf_offline"] = _write_expert_like(a, str(svf_dir), "svf")
 
     torch.manual_seed(0)
-    pm = PeftModel.from_pretrained(load_model(ModelConfig(path=tiny_model)), out["arith_lora"], adapter_name="arith_lora")
+    base = load_model(ModelConfig(path=tiny_model))
+    pm = PeftModel.from_pretrained(base, out["arith_lora"], adapter_name="arith_lora")
     pm.load_adapter(serve_experts["strings"], adapter_name="strings")
     for combination in ("linear", "cat"):  # names sorted, as the server orders them
         pm.add_weighted_adapter(["arith_lora", "strings"], [0.6, 0.4], adapter_name=f"merged_{combination}",
                                 combination_type=combination)
         pm.save_pretrained(str(root / "lora-mix"), selected_adapters=[f"merged_{combination}"])
-        out[f"lora_{combination}"] = _write_expert_like(serve_experts["strings"], str(root / "lora-mix" / f"merged_{combination}"),
-                                                        "lora")
+        merged = str(root / "lora-mix" / f"merged_{combination}")
+        out[f"lora_{combination}"] = _write_expert_like(serve_experts["strings"], merged, "lora")
     return out
 
 
@@ -517,7 +518,8 @@ def test_experts_join_and_leave_the_running_app(app, more_experts):
     time.sleep(2)
     before = len(results)
     t0 = time.perf_counter()
-    status, added = _req(url, "POST", "/admin/experts", {"name": "arith_lora", "path": "file://" + more_experts["arith_lora"]})
+    body = {"name": "arith_lora", "path": "file://" + more_experts["arith_lora"]}
+    status, added = _req(url, "POST", "/admin/experts", body)
     add_s = time.perf_counter() - t0
     assert status == 201, added
     assert added["method"] == "lora" and added["shared_base"] is True and added["deployment"] == "experts"
@@ -575,16 +577,17 @@ def test_admin_endpoints_need_the_key(app, serve_ray, tiny_model):
     from serve.app import build_application
     from serve.config import validate_serve_config
 
-    cfg = validate_serve_config({"base_model": tiny_model, "router": {"strategy": "explicit", "resources": {"num_cpus": 0.1}},
-                                 "base": {"path": tiny_model, "resources": {"num_cpus": 0.1}}, "single_device": True,
+    cpu = {"num_cpus": 0.1}
+    cfg = validate_serve_config({"base_model": tiny_model, "router": {"strategy": "explicit", "resources": cpu},
+                                 "base": {"path": tiny_model, "resources": cpu}, "single_device": True,
                                  "http": {"port": app["cfg"].http.port}, "app_name": "nokey"})
     serve.run(build_application(cfg), name="nokey", route_prefix="/nokey")
     try:
         status, err = _req(f"{url}/nokey", "GET", "/admin/experts", key=None)
         assert status == 403 and "api_key" in err["error"]["message"] and "api_key_env" in err["error"]["message"]
         assert _req(f"{url}/nokey", "POST", "/admin/experts", {"name": "x", "path": "/x"}, key=None)[0] == 403
-        status, body = _req(f"{url}/nokey", "POST", "/v1/completions", {"model": "base", "prompt": "hi", "max_tokens": 2},
-                            key=None)
+        status, body = _req(f"{url}/nokey", "POST", "/v1/completions",
+                            {"model": "base", "prompt": "hi", "max_tokens": 2}, key=None)
         assert status == 200 and body["expert"] == "base"
     finally:
         serve.delete("nokey")
