@@ -79,7 +79,8 @@ def build_application(cfg: ServeConfig, single_device: bool | None = None, runti
     single = use_single_device(cfg) if single_device is None else single_device
     specs = cfg.expert_specs()
     common = dict(base_model=cfg.base_model, base_template=cfg.base_template, dtype=cfg.dtype,
-                  max_batch_size=cfg.batching.max_batch_size, batch_wait_timeout_s=cfg.batching.batch_wait_timeout_s)
+                  max_batch_size=cfg.batching.max_batch_size, batch_wait_timeout_s=cfg.batching.batch_wait_timeout_s,
+                  mix_cache=cfg.mix_cache)
     deployments, where = {}, {}
     base = cfg.base_spec()
     if single:

@@ -18,6 +18,7 @@ Example::
     http: {host: 127.0.0.1, port: 8000}
     api_key_env: null                # name of an env var holding the bearer key
     limits: {max_prompt_tokens: 1024, max_tokens: 256, max_body_bytes: 65536}
+    mix_cache: 4                     # per-request mixes ("model": "mix") kept built per replica (LRU)
 
 Every error names the field (`router.keywords`, `experts.math.path`, ...) and the fix.
 """
@@ -35,6 +36,7 @@ from raylib.errors import ConfigError
 
 BASE = "base"  # the model name that means "the base model, no expert"
 AUTO = "auto"  # the model name that means "let the router decide"
+MIX = "mix"  # the model name of a per-request weighted mix (`experts: {name: weight}` in the request)
 
 
 class _Strict(BaseModel):
@@ -139,6 +141,8 @@ class ServeConfig(_Strict):
     api_key: str | None = None
     api_key_env: str | None = None
     limits: Limits = Field(default_factory=Limits)
+    #: per-request mixes kept built per replica (LRU; a mix is a z vector set or a merged LoRA adapter)
+    mix_cache: PositiveInt = 4
     app_name: str = "raylib"
     route_prefix: str = "/"
 
@@ -169,7 +173,7 @@ def validate_serve_config(raw: dict[str, Any], source: str = "serve config", che
     except ValidationError as exc:
         raise ConfigError("", f"{source}: " + "; ".join(_describe(e) for e in exc.errors())) from None
     names = set(cfg.experts)
-    for reserved in (BASE, AUTO):
+    for reserved in (BASE, AUTO, MIX):
         if reserved in names:
             raise ConfigError(f"experts.{reserved}", f"{reserved!r} is a reserved model name", "rename the expert")
     r = cfg.router

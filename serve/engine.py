@@ -14,6 +14,18 @@ base model*:
 The base model (`base`) is the PEFT model with adapters off, or the SVF model with z = 1, or
 a plain copy when there is neither. Generation is `model.generate` with the KV cache; a lock
 keeps one generate at a time per replica (adapter routing and z are per-model state).
+
+Experts can be added and removed while the replica serves (`add_expert` / `remove_expert`,
+or lazily from a request's `registry` {name: path or URI}, which also re-creates them in a
+replica Serve restarted): a LoRA adapter is loaded into the existing `PeftModel` (the plain
+base model is wrapped in place when there is none yet), SVF z vectors join the SVF model with
+the same targets/layers (the plain base is decomposed in place when there is none). Only
+experts without a shared model (full, ia3, ...) or SVF experts with other targets load a new
+copy of the base weights.
+
+A request may also mix experts (`mix` {name: weight}): SVF experts by z_mix = sum w_k z_k
+(`svf.mix`), LoRA experts by PEFT's `add_weighted_adapter` (`combination` linear or cat). Each
+weight set becomes a slot of its own, kept in a small LRU cache (`mix_cache` entries).
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -42,6 +55,9 @@ class GenRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
+    mix: dict[str, float] | None = None  # expert -> weight: serve a weighted mix of experts
+    combination: str = "linear"  # LoRA mixes: PEFT add_weighted_adapter combination_type
+    registry: dict[str, str] | None = None  # run-time experts (name -> path/URI) the router knows
 
     @classmethod
     def of(cls, raw: dict | "GenRequest") -> "GenRequest":
@@ -56,11 +72,12 @@ class _Slot:
     model: Any
     template: str
     z: dict | None = None
+    adapter: str | None = None  # PEFT adapter name when it differs from the slot name (mixes)
 
 
 class Engine:
     def __init__(self, base_model: str, experts: dict[str, str], base_template: str = "alpaca",
-                 dtype: str = "auto", device: str | None = None, include_base: bool = True):
+                 dtype: str = "auto", device: str | None = None, include_base: bool = True, mix_cache: int = 4):
         import torch
 
         from raylib.config import ModelConfig
@@ -74,6 +91,11 @@ class Engine:
         self.switch_times: list[float] = []  # seconds per SVF z switch (set_z + weight rebuild)
         self._lock = threading.Lock()
         self._current_svf: str | None = None
+        self._mcfg, self.base_model, self.base_template = mcfg, base_model, base_template
+        self._svf_models: dict[str, Any] = {}  # json [targets, layers] -> the SVF model for them
+        self._dynamic: dict[str, str] = {}  # experts added at run time -> their path/URI
+        self._mixes: "OrderedDict[tuple, str]" = OrderedDict()  # LRU: (combination, weights) -> slot
+        self.mix_cache = mix_cache
         infos = {name: read_expert(path) for name, path in experts.items()}
         t0 = time.perf_counter()
 
@@ -104,6 +126,7 @@ class Engine:
             for key, names in groups.items():
                 targets, layers = json.loads(key)
                 model = svf.apply_svf(fresh(), targets, layers, forward="rebuild", model_path=base_model)
+                self._svf_models[key] = model
                 for name in names:
                     self.slots[name] = _Slot("svf", model, infos[name].template, z=svf.load_z(experts[name]))
                 if include_base and BASE not in self.slots:
@@ -123,7 +146,8 @@ class Engine:
 
     @property
     def names(self) -> list[str]:
-        return sorted(self.slots)
+        """Experts (and base) held; cached mixes are slots too but not listed."""
+        return sorted(n for n in self.slots if not n.startswith("mix("))
 
     def render(self, req: GenRequest) -> str:
         """The prompt text: completions as sent; chat via the expert's training template
@@ -154,8 +178,10 @@ class Engine:
         """Make the model compute as expert `name` (all of `batch_names` for PEFT batches);
         returns (model, extra generate kwargs)."""
         slot = self.slots[name]
+        if slot.family == "base-peft" and not slot.model.peft_config:  # every adapter removed at run time
+            return slot.model.base_model.model, {}
         if slot.family in ("peft", "base-peft"):
-            names = [n if self.slots[n].family == "peft" else PEFT_BASE for n in batch_names]
+            names = [(self.slots[n].adapter or n) if self.slots[n].family == "peft" else PEFT_BASE for n in batch_names]
             return slot.model, {"adapter_names": names}
         if slot.family == "svf":
             if self._current_svf != name:
@@ -198,20 +224,173 @@ class Engine:
             kw.update(stop_strings=stops, tokenizer=self.tokenizer)
         return kw
 
+    # ------------------------------------------------------------------ experts at run time
+
+    def _fresh(self):
+        from raylib.models import load_model
+
+        return load_model(self._mcfg, self.device).to(self.device).eval()
+
+    def _peft_model(self):
+        return next((s.model for s in self.slots.values() if s.family in ("peft", "base-peft")), None)
+
+    def add_expert(self, name: str, source: str) -> dict:
+        """Load the expert at `source` (path or URI) as `name` into this engine, sharing the
+        base weights it already holds where the method allows; replaces an expert of that name."""
+        with self._lock:
+            return self._add(name, source)
+
+    def remove_expert(self, name: str) -> bool:
+        with self._lock:
+            return self._remove(name)
+
+    def _add(self, name: str, source: str) -> dict:
+        from raylib.experts import read_expert, resolve_expert
+        from raylib.methods import svf
+
+        if name in (BASE,) or name.startswith("mix("):
+            raise ValueError(f"{name!r} is a reserved name")
+        path = resolve_expert(source, f"experts.{name}")
+        info = read_expert(path)
+        if name in self.slots:
+            self._remove(name)
+        t0, shared = time.perf_counter(), True
+        base = self.slots.get(BASE)
+        if info.method in ("lora", "qlora"):
+            pm = self._peft_model()
+            if pm is not None:
+                pm.load_adapter(path, adapter_name=name)
+            else:
+                from peft import PeftModel
+
+                if base is not None and base.family == "base":  # wrap the plain base in place
+                    pm = PeftModel.from_pretrained(base.model, path, adapter_name=name)
+                    self.slots[BASE] = _Slot("base-peft", pm, base.template)
+                else:
+                    pm, shared = PeftModel.from_pretrained(self._fresh(), path, adapter_name=name), False
+            pm.eval()
+            self.slots[name] = _Slot("peft", pm, info.template)
+        elif info.method == "svf":
+            cfg = svf.read_svf_config(path)
+            key = json.dumps([cfg["targets"], cfg["layers"]])
+            model = self._svf_models.get(key)
+            if model is None:
+                if base is not None and base.family == "base":  # decompose the plain base in place
+                    model = svf.apply_svf(base.model, cfg["targets"], cfg["layers"], forward="rebuild",
+                                          model_path=self.base_model)
+                    self.slots[BASE] = _Slot("svf", model, base.template, z=None)
+                else:
+                    model, shared = svf.apply_svf(self._fresh(), cfg["targets"], cfg["layers"], forward="rebuild",
+                                                  model_path=self.base_model), False
+                self._svf_models[key] = model
+            self.slots[name] = _Slot("svf", model, info.template, z=svf.load_z(path))
+        else:
+            from raylib.methods import get_method
+
+            model = get_method(info.method).load(self._fresh(), path).to(self.device).eval()
+            self.slots[name], shared = _Slot("full", model, info.template), False
+        self._dynamic[name] = source
+        took = time.perf_counter() - t0
+        log.info("engine: added %s (%s) in %.2fs, base weights %s", name, info.method, took,
+                 "shared" if shared else "loaded again")
+        return {"name": name, "method": info.method, "load_s": took, "shared_base": shared, "experts": self.names}
+
+    def _remove(self, name: str) -> bool:
+        slot = self.slots.pop(name, None)
+        self._dynamic.pop(name, None)
+        for key in [k for k in self._mixes if name in dict(k[1])]:
+            self._drop_mix(key)
+        if slot is None:
+            return False
+        if slot.family == "peft" and name in slot.model.peft_config:
+            slot.model.delete_adapter(name)
+        if self._current_svf == name:
+            self._current_svf = None
+        return True
+
+    def _drop_mix(self, key: tuple) -> None:
+        name = self._mixes.pop(key)
+        slot = self.slots.pop(name, None)
+        if slot is not None and slot.family == "peft":
+            slot.model.delete_adapter(slot.adapter)
+        if self._current_svf == name:
+            self._current_svf = None
+
+    def _prepare(self, req: GenRequest) -> None:
+        """Bring the request's experts in (from `registry`), drop run-time experts the router no
+        longer knows, and turn a mix into its (cached) slot: `req.expert` names a slot after it."""
+        if req.registry is not None:
+            for name in [n for n, src in self._dynamic.items() if req.registry.get(n) != src]:
+                self._remove(name)
+        needed = list(req.mix) if req.mix else [req.expert]
+        for name in needed:
+            if name not in self.slots:
+                if req.registry and name in req.registry:
+                    self._add(name, req.registry[name])
+                else:
+                    raise KeyError(f"this replica serves {self.names}, not {name!r}")
+        if req.mix:
+            req.expert = self._mix_slot(req.mix, req.combination)
+
+    def _mix_slot(self, weights: dict[str, float], combination: str) -> str:
+        """The slot serving this weighted mix, built on first use and kept in an LRU cache."""
+        import hashlib
+
+        from raylib.methods import svf
+
+        items = tuple(sorted((n, float(w)) for n, w in weights.items()))
+        key = (combination, items)
+        if key in self._mixes:
+            self._mixes.move_to_end(key)
+            return self._mixes[key]
+        names, ws = [n for n, _ in items], [w for _, w in items]
+        if BASE in names:
+            raise ValueError("mix experts, not the base model")
+        slots = [self.slots[n] for n in names]
+        families = {s.family for s in slots}
+        label = "mix(" + ",".join(f"{n}={w:g}" for n, w in items)
+        label += ")" if combination == "linear" else f";{combination})"
+        if families == {"svf"}:
+            if len({id(s.model) for s in slots}) > 1:
+                raise ValueError(f"SVF experts {names} adapt different modules (targets/layers): "
+                                 "cannot mix their z vectors")
+            if combination != "linear":
+                raise ValueError(f"SVF experts mix linearly (z = sum w_k z_k); combination {combination!r} is for LoRA")
+            slot = _Slot("svf", slots[0].model, slots[0].template, z=svf.mix([s.z for s in slots], ws))
+        elif families == {"peft"}:
+            pm = slots[0].model
+            adapter = "mix_" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
+            try:
+                pm.add_weighted_adapter(names, ws, adapter_name=adapter, combination_type=combination)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"PEFT cannot mix {names} with combination {combination!r}: {exc}") from None
+            pm.eval()
+            slot = _Slot("peft", pm, slots[0].template, adapter=adapter)
+        else:
+            kinds = {n: s.family for n, s in zip(names, slots)}
+            raise ValueError(f"mix SVF experts with SVF experts or LoRA adapters with LoRA adapters, got {kinds}")
+        self.slots[label] = slot
+        self._mixes[key] = label
+        while len(self._mixes) > self.mix_cache:
+            self._drop_mix(next(iter(self._mixes)))
+        return label
+
     # ------------------------------------------------------------------ generation
 
     def generate(self, raw_reqs: list) -> list[dict]:
         """Non-streaming generation for a batch; requests sharing a model and sampling
         settings run as one left-padded `generate` call."""
         reqs = [GenRequest.of(r) for r in raw_reqs]
-        for r in reqs:
-            if r.expert not in self.slots:
-                raise KeyError(f"this replica serves {self.names}, not {r.expert!r}")
         out: list[dict | None] = [None] * len(reqs)
         groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(reqs):
-            groups.setdefault(self._group_key(r), []).append(i)
         with self._lock:
+            for i, r in enumerate(reqs):
+                try:  # a request that names a bad mix fails alone, not its whole batch
+                    self._prepare(r)
+                except (KeyError, ValueError) as exc:
+                    out[i] = {"error": _message(exc), "expert": r.expert}
+                    continue
+                groups.setdefault(self._group_key(r), []).append(i)
             for idx in groups.values():
                 for i, res in zip(idx, self._generate_group([reqs[i] for i in idx])):
                     out[i] = res
@@ -258,11 +437,14 @@ class Engine:
         from transformers import TextIteratorStreamer
 
         req = GenRequest.of(raw_req)
-        if req.expert not in self.slots:
-            raise KeyError(f"this replica serves {self.names}, not {req.expert!r}")
-        stops = self._stops(req)
-        hold = max((len(s) for s in stops), default=1) - 1
         with self._lock:
+            try:
+                self._prepare(req)
+            except (KeyError, ValueError) as exc:
+                yield {"error": _message(exc)}
+                return
+            stops = self._stops(req)
+            hold = max((len(s) for s in stops), default=1) - 1
             prompt = self.render(req)
             model, extra = self._select(req.expert, [req.expert])
             enc = self.tokenizer(prompt, return_tensors="pt").to(self.device)
@@ -312,6 +494,10 @@ class Engine:
                 comp = comp[: comp.index(self.tokenizer.eos_token_id)]
             yield {"finish_reason": finish, "expert": req.expert, "prompt_tokens": enc["input_ids"].shape[1],
                    "completion_tokens": len(comp)}
+
+
+def _message(exc: BaseException) -> str:
+    return exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
 
 
 def _cut(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -18,13 +18,13 @@ from ray import serve
 class ExpertReplica:
     def __init__(self, base_model: str, experts: dict[str, str], base_template: str = "alpaca", dtype: str = "auto",
                  include_base: bool = True, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.005,
-                 threads: int | None = None):
+                 threads: int | None = None, mix_cache: int = 4):
         import torch
 
         from serve.engine import Engine
 
         torch.set_num_threads(max(1, threads or 1))
-        self.engine = Engine(base_model, experts, base_template, dtype, include_base=include_base)
+        self.engine = Engine(base_model, experts, base_template, dtype, include_base=include_base, mix_cache=mix_cache)
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -43,6 +43,13 @@ class ExpertReplica:
             if item is done:
                 return
             yield item
+
+    async def add_expert(self, name: str, source: str) -> dict:
+        """Admin: load an expert (path or URI) into this replica's engine, base weights shared."""
+        return await asyncio.to_thread(self.engine.add_expert, name, source)
+
+    async def remove_expert(self, name: str) -> bool:
+        return await asyncio.to_thread(self.engine.remove_expert, name)
 
     def info(self) -> dict:
         e = self.engine

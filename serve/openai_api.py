@@ -38,6 +38,10 @@ class _Req(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
+    #: raylib extension: with model "mix", the experts to mix and their weights
+    experts: dict[str, float] | None = None
+    #: LoRA mixes: PEFT add_weighted_adapter combination_type (SVF mixes are always linear)
+    combination: Literal["linear", "cat"] = "linear"
 
 
 class ChatMessage(BaseModel):

@@ -7,24 +7,63 @@ unknown domain -> `router.fallback`) -> expert call. A failed call (replica died
 available) is retried with backoff while Serve restarts the replica, then falls back to the
 fallback model, so clients see an answer rather than an error. The response names the expert
 in `model`, `expert`, `routing` and the `x-raylib-expert` header.
+
+`model: "mix"` with `experts: {name: weight, ...}` (and `combination` linear|cat for LoRA)
+asks for a weighted mix of experts, built and cached by the replica that holds them
+(single-device: `experts`; multi-deployment: `base`, which loads the mixed experts into its
+own engine on first use).
+
+Admin endpoints (bearer key required; refused with 403 when the app has no key) change the
+expert table while the app runs: `POST /admin/experts` {name, path (dir or URI), keywords?}
+loads the expert into the replica that holds the base model (`experts` or `base`) in place,
+then routes to it; `DELETE /admin/experts/{name}`; `GET /admin/experts` (with expert.json
+metrics). Run-time experts travel in every payload's `registry`, so a replica Serve restarts
+(or another replica of that deployment) loads them on first use. The table lives in the
+router replica, so admin endpoints need `router.num_replicas: 1`.
 """
 
 
 import asyncio
 import hmac
 import logging
+import math
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from serve import openai_api as api
-from serve.config import AUTO, BASE, ServeConfig
+from serve.config import AUTO, BASE, MIX, ServeConfig
 
 log = logging.getLogger("raylib.serve")
 app = FastAPI(title="raylib serve", docs_url=None, redoc_url=None)
 EXPERT_HEADER = "x-raylib-expert"
+
+
+class AddExpert(BaseModel):
+    """POST /admin/experts body."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    path: str = Field(min_length=1, description="expert dir or URI (s3://, gs://, ...)")
+    keywords: list[str] | None = None
+
+
+LORA = ("lora", "qlora")
+
+
+def _info(source: str) -> dict:
+    """method, domain, metrics, ... of the expert at `source` (expert.json)."""
+    from raylib.experts import read_expert, resolve_expert
+
+    try:
+        info = read_expert(resolve_expert(source))
+    except Exception as exc:  # listing must not fail on one unreadable expert
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"method": info.method, "domain": info.domain, "template": info.template, "metrics": info.metrics,
+            "step": info.step, "created_at": info.created_at}
 
 
 def _retryable() -> tuple[type[BaseException], ...]:
@@ -47,6 +86,12 @@ class Router:
         self.handles = deployments
         self.where = model_to_deployment  # model name (experts + base) -> key in self.handles
         self.experts = [n for n in model_to_deployment if n != BASE]
+        self.single = "experts" in deployments
+        self.home = "experts" if self.single else "base"  # where run-time experts and mixes live
+        self.sources = {n: s.path for n, s in self.cfg.expert_specs().items()}
+        self.added_by = {n: "config" for n in self.sources}
+        self.infos = {n: _info(p) for n, p in self.sources.items()}
+        self.dynamic: dict[str, str] = {}  # experts added through /admin -> path/URI
         self.strategy = build_strategy(self.cfg, self.experts)
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.base_model)
         self.key = self.cfg.resolved_api_key()
@@ -70,6 +115,10 @@ class Router:
 
     def choose(self, req) -> tuple[str, dict]:
         """(model that answers, routing detail)."""
+        if req.experts is not None and req.model != MIX:
+            raise api.ApiError(400, f'experts: set model to "{MIX}" to mix experts', param="experts")
+        if req.model == MIX:
+            return MIX, self._check_mix(req)
         if req.model != AUTO:
             if req.model not in self.where:
                 raise api.ApiError(404, f"model {req.model!r} does not exist; use auto or one of "
@@ -82,6 +131,35 @@ class Router:
             name = self.cfg.router.fallback
         return name, routing
 
+    def _check_mix(self, req) -> dict:
+        mix = req.experts or {}
+        if not mix:
+            raise api.ApiError(400, 'experts: model "mix" needs experts: {name: weight, ...}', param="experts")
+        if len(mix) > 8:
+            raise api.ApiError(400, "experts: mix at most 8 experts", param="experts")
+        unknown = [n for n in mix if n not in self.where or n == BASE]
+        if unknown:
+            raise api.ApiError(400, f"experts: {unknown} are not experts; mix some of {sorted(self.experts)}",
+                               param="experts", code="model_not_found")
+        if not all(math.isfinite(w) for w in mix.values()):
+            raise api.ApiError(400, "experts: weights must be finite numbers", param="experts")
+        methods = {n: self.infos.get(n, {}).get("method") for n in mix}
+        svf, lora = all(m == "svf" for m in methods.values()), all(m in LORA for m in methods.values())
+        if not (svf or lora):
+            raise api.ApiError(400, f"experts: mix SVF experts with SVF experts or LoRA with LoRA, got {methods}",
+                               param="experts")
+        if svf and req.combination != "linear":
+            raise api.ApiError(400, "combination: SVF experts mix linearly (z = sum w_k z_k); cat is for LoRA",
+                               param="combination")
+        return {"strategy": "mix", "experts": dict(mix), "combination": req.combination}
+
+    def _registry(self, expert: str) -> dict:
+        """Experts the answering replica may have to load on first use (name -> path/URI)."""
+        reg = dict(self.dynamic)
+        if not self.single and (expert == MIX or self.where.get(expert) == "base"):
+            reg.update({n: src for n, src in self.sources.items() if n not in reg})  # base holds none of them
+        return reg
+
     def _payload(self, req, expert: str) -> dict:
         limits = self.cfg.limits
         text = api.request_text(req) if isinstance(req, api.CompletionRequest) else "\n".join(
@@ -93,6 +171,9 @@ class Router:
                                code="context_length_exceeded")
         payload = {"expert": expert, "max_tokens": api.max_tokens(req, limits), "temperature": req.temperature,
                    "top_p": req.top_p, "stop": api.stops(req, limits)}
+        payload["registry"] = self._registry(expert)
+        if expert == MIX:
+            payload.update(mix=dict(req.experts), combination=req.combination)
         if isinstance(req, api.ChatRequest):
             payload.update(kind="chat", messages=[m.model_dump() for m in req.messages])
         else:
@@ -100,7 +181,7 @@ class Router:
         return payload
 
     def _handle(self, name: str):
-        return self.handles[self.where[name]]
+        return self.handles[self.home if name == MIX else self.where[name]]
 
     async def _call(self, payload: dict, routing: dict) -> dict:
         """generate on the chosen expert; retried with backoff (Serve restarts a dead replica
@@ -119,7 +200,7 @@ class Router:
             raise RuntimeError(f"{primary} could not answer: {last}")
         self.stats["fallbacks"] += 1
         routing["fallback"] = {"from": primary, "reason": type(last).__name__}
-        return await self._handle(r.fallback).generate.remote({**payload, "expert": r.fallback})
+        return await self._handle(r.fallback).generate.remote({**payload, "expert": r.fallback, "mix": None})
 
     async def _complete(self, request: Request, schema) -> object:
         self.stats["requests"] += 1
@@ -136,6 +217,8 @@ class Router:
             return StreamingResponse(self._sse(payload, chat, include_usage), media_type="text/event-stream",
                                      headers={EXPERT_HEADER: expert})
         res = await self._call(payload, routing)
+        if "error" in res:  # the replica refused this request (a mix PEFT cannot build, ...)
+            return self._error(api.ApiError(400, res["error"], param="experts" if payload.get("mix") else "model"))
         body = (api.chat_response if chat else api.completion_response)(res, routing)
         return JSONResponse(body, headers={EXPERT_HEADER: res["expert"]})
 
@@ -148,8 +231,14 @@ class Router:
             writer = api.ChunkWriter(chat, name, include_usage)
             started = False
             try:
-                gen = self._handle(name).options(stream=True).stream.remote({**payload, "expert": name})
+                one = {**payload, "expert": name}
+                if name != payload["expert"]:  # the fallback answers alone
+                    one["mix"] = None
+                gen = self._handle(name).options(stream=True).stream.remote(one)
                 async for item in gen:
+                    if "error" in item:
+                        yield writer.error(api.ApiError(400, item["error"], param="experts"))
+                        return
                     if not started:
                         started = True
                         first = writer.start()
@@ -203,6 +292,107 @@ class Router:
         except api.ApiError as err:
             return self._error(err)
         return self.stats
+
+    # ------------------------------------------------------------------ admin
+
+    def _admin_auth(self, request: Request) -> None:
+        if not self.key:
+            raise api.ApiError(403, "admin endpoints are off because this server has no API key: set api_key or "
+                                    "api_key_env in the serve config", code="admin_disabled", type="permission_error")
+        self._auth(request)
+        if self.cfg.router.num_replicas > 1:
+            raise api.ApiError(409, "admin endpoints need router.num_replicas: 1 (each router replica keeps its own "
+                                    "expert table)", code="admin_unsupported")
+
+    def _describe(self, name: str) -> dict:
+        from serve.strategies import Keywords
+
+        kw = self.strategy.keywords.get(name) if isinstance(self.strategy, Keywords) else None
+        return {"name": name, "source": self.sources.get(name), "added_by": self.added_by.get(name),
+                "deployment": self.where[name], **self.infos.get(name, {}), "keywords": kw}
+
+    @app.get("/admin/experts")
+    async def list_experts(self, request: Request):
+        try:
+            self._admin_auth(request)
+        except api.ApiError as err:
+            return self._error(err)
+        return {"object": "list", "data": [self._describe(n) for n in sorted(self.where) if n != BASE]}
+
+    @app.post("/admin/experts")
+    async def add_expert(self, request: Request):
+        from raylib.errors import ConfigError
+        from raylib.experts import read_expert, resolve_expert
+        from serve.config import _servable
+        from serve.strategies import Keywords
+
+        try:
+            self._admin_auth(request)
+            req = api.parse(await request.body(), AddExpert, self.cfg.limits)
+            name = req.name
+            if name in (BASE, AUTO, MIX):
+                raise api.ApiError(400, f"name: {name!r} is a reserved model name", param="name")
+            if name in self.where:
+                raise api.ApiError(409, f"expert {name!r} exists; DELETE /admin/experts/{name} first", param="name",
+                                   code="expert_exists")
+            if req.keywords and not isinstance(self.strategy, Keywords):
+                raise api.ApiError(400, f"keywords: router.strategy is {self.strategy.name}, keywords only route "
+                                        f"with strategy keywords (the expert is reachable as model={name!r})",
+                                   param="keywords")
+            try:
+                info = read_expert(await asyncio.to_thread(resolve_expert, req.path, "path"))
+            except (ConfigError, FileNotFoundError) as exc:
+                raise api.ApiError(400, f"path: {exc}", param="path", code="not_an_expert") from None
+            if info.method not in _servable():
+                raise api.ApiError(400, f"path: method {info.method!r} cannot be served as a text generator",
+                                   param="path")
+        except api.ApiError as err:
+            return self._error(err)
+        self.dynamic[name] = req.path  # before loading: payloads built meanwhile must not unload it
+        try:
+            loaded = await self.handles[self.home].add_expert.remote(name, req.path)
+        except Exception as exc:
+            self.dynamic.pop(name, None)
+            return JSONResponse(api.ApiError(500, f"loading {name} into {self.home} failed: {type(exc).__name__}: "
+                                                  f"{str(exc)[-500:]}", type="server_error").body(), status_code=500)
+        self.where[name], self.sources[name], self.added_by[name] = self.home, req.path, "admin"
+        self.infos[name] = _info(req.path)
+        self.experts.append(name)
+        if req.keywords:
+            self.strategy.keywords[name] = [w.lower() for w in req.keywords]
+        log.info("admin: added expert %s from %s into %s in %.2fs", name, req.path, self.home, loaded["load_s"])
+        return JSONResponse({**self._describe(name), "load_s": loaded["load_s"], "shared_base": loaded["shared_base"]},
+                            status_code=201)
+
+    @app.delete("/admin/experts/{name}")
+    async def delete_expert(self, name: str, request: Request):
+        from serve.strategies import Keywords
+
+        try:
+            self._admin_auth(request)
+            if name not in self.where or name == BASE:
+                raise api.ApiError(404, f"no expert {name!r}; experts: {sorted(self.experts)}", code="model_not_found")
+            r = self.cfg.router
+            if name == r.fallback or (r.strategy == "cem" and name == r.cem_expert):
+                raise api.ApiError(409, f"{name!r} is router.{'fallback' if name == r.fallback else 'cem_expert'}; "
+                                        "it cannot be removed while the app runs", code="expert_in_use")
+        except api.ApiError as err:
+            return self._error(err)
+        dep = self.where.pop(name)
+        self.dynamic.pop(name, None)
+        self.sources.pop(name, None)
+        self.infos.pop(name, None)
+        self.added_by.pop(name, None)
+        self.experts.remove(name)
+        if isinstance(self.strategy, Keywords):
+            self.strategy.keywords.pop(name, None)
+        unloaded = False
+        if dep == self.home:  # per-expert deployments stay up (unrouted) until the app is redeployed
+            try:
+                unloaded = bool(await self.handles[dep].remove_expert.remote(name))
+            except Exception as exc:  # the next request's registry unloads it anyway
+                log.warning("admin: unloading %s from %s failed: %s", name, dep, exc)
+        return {"name": name, "removed": True, "deployment": dep, "unloaded": unloaded}
 
     # handle entry points (benchmarks / Python callers skip HTTP)
     async def route_and_generate(self, payload: dict) -> dict:

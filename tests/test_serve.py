@@ -426,3 +426,274 @@ def test_killing_an_expert_replica_loses_no_request(multi_app, capsys):
     assert not failed, failed[:3]
     assert len(results) > killed_at + 3
     assert any(r[1] == "arithmetic" for r in results[-3:])  # the restarted expert answers again
+
+
+# --------------------------------------------------------------------------- experts into the running app
+
+
+def _req(url: str, method: str, path: str, body=None, key: str | None = API_KEY, timeout: int = 300):
+    headers = {"content-type": "application/json"}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"{url}{path}", data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _write_expert_like(src: str, out: str, method: str) -> str:
+    """expert.json for an offline-merged expert (copied from a constituent, method set)."""
+    from raylib.experts import read_expert, write_expert_json
+
+    info = read_expert(src)
+    info.method, info.domain, info.metrics = method, "merged", {"merged_offline": 1}
+    write_expert_json(out, info)
+    return out
+
+
+@pytest.fixture(scope="module")
+def more_experts(serve_experts, tiny_model, tmp_path_factory) -> dict[str, str]:
+    """A second LoRA expert (arithmetic) and experts merged offline with the weights the mixed
+    requests ask for: an SVF z mix (`svf.mix`) and PEFT `add_weighted_adapter` merges."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    from raylib.config import ModelConfig, validate_job
+    from raylib.methods import svf
+    from raylib.models import load_model
+    from raylib.synthetic import write_dataset
+    from raylib.train_loop import PlainSession, run
+
+    root = tmp_path_factory.mktemp("more-experts")
+    data = write_dataset(str(root / "data"), n_train=200, n_eval=10, domains=["arithmetic"])
+    job = validate_job(job_dict(tiny_model, data, str(root / "arith-lora"), method={"name": "lora", "r": 8},
+                                train={"max_steps": 20, "checkpoint_every": 0, "eval_every": 0, "lr": 3e-3,
+                                       "batch_size": 8}, output={"domain": "arithmetic"}))
+    session = PlainSession(str(root / "ckpt"))
+    run(job, session)
+    out = {"arith_lora": os.path.join(session.reports[-1]["checkpoint"], "expert")}
+
+    a, c = serve_experts["arithmetic"], serve_experts["comparison"]
+    svf_dir = root / "svf-mix"
+    svf_dir.mkdir()
+    z = svf.mix([svf.load_z(a), svf.load_z(c)], [0.7, 0.3])
+    save_file({n: t.contiguous() for n, t in z.items()}, str(svf_dir / svf.Z_FILE))
+    (svf_dir / svf.CONFIG_FILE).write_text(json.dumps(svf.read_svf_config(a)))
+    out["svf_offline"] = _write_expert_like(a, str(svf_dir), "svf")
+
+    torch.manual_seed(0)
+    base = load_model(ModelConfig(path=tiny_model))
+    pm = PeftModel.from_pretrained(base, out["arith_lora"], adapter_name="arith_lora")
+    pm.load_adapter(serve_experts["strings"], adapter_name="strings")
+    for combination in ("linear", "cat"):  # names sorted, as the server orders them
+        pm.add_weighted_adapter(["arith_lora", "strings"], [0.6, 0.4], adapter_name=f"merged_{combination}",
+                                combination_type=combination)
+        pm.save_pretrained(str(root / "lora-mix"), selected_adapters=[f"merged_{combination}"])
+        merged = str(root / "lora-mix" / f"merged_{combination}")
+        out[f"lora_{combination}"] = _write_expert_like(serve_experts["strings"], merged, "lora")
+    return out
+
+
+def test_experts_join_and_leave_the_running_app(app, more_experts):
+    """POST /admin/experts while a client loop is sending requests: no request fails, the new
+    expert answers when named, is listed with its expert.json metrics, and can be removed."""
+    url = app["url"]
+    results, stop = [], threading.Event()
+
+    def loop():
+        texts = [p for ps in PROMPTS.values() for p in ps]
+        while not stop.is_set():
+            try:
+                status, body, _ = _chat(url, texts[len(results) % len(texts)], max_tokens=4)
+                results.append((status, body.get("expert")))
+            except Exception as exc:  # a connection error counts as a failure too
+                results.append((str(exc), None))
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    time.sleep(2)
+    before = len(results)
+    t0 = time.perf_counter()
+    body = {"name": "arith_lora", "path": "file://" + more_experts["arith_lora"]}
+    status, added = _req(url, "POST", "/admin/experts", body)
+    add_s = time.perf_counter() - t0
+    assert status == 201, added
+    assert added["method"] == "lora" and added["shared_base"] is True and added["deployment"] == "experts"
+    status, body, headers = _chat(url, PROMPTS["arithmetic"][0], model="arith_lora")
+    assert status == 200 and body["expert"] == "arith_lora" and headers["x-raylib-expert"] == "arith_lora", body
+    time.sleep(1)
+    stop.set()
+    thread.join(timeout=120)
+    failed = [r for r in results if r[0] != 200]
+    assert not failed, failed[:3]
+    assert len(results) > before + 1 and {r[1] for r in results} >= set(DOMAINS)
+    print(f"\nadmin add: {add_s:.2f}s while {len(results)} requests ran ({before} before the add), 0 failed")
+
+    status, listed = _req(url, "GET", "/admin/experts")
+    assert status == 200
+    by_name = {e["name"]: e for e in listed["data"]}
+    assert set(by_name) >= {*DOMAINS, "cem", "arith_lora"}
+    assert by_name["arith_lora"]["added_by"] == "admin" and by_name["strings"]["added_by"] == "config"
+    assert by_name["arith_lora"]["metrics"]["step"] == 20 and "eval_loss" in by_name["strings"]["metrics"]
+    assert "arith_lora" in [m.id for m in _client(app).models.list()]
+
+    # bad adds are refused with the reason; the table is unchanged
+    for body, want_status, want in [
+        ({"name": "x", "path": str(app["cfg"].base_model)}, 400, "not a raylib expert"),
+        ({"name": "mix", "path": more_experts["arith_lora"]}, 400, "reserved"),
+        ({"name": "strings", "path": more_experts["arith_lora"]}, 409, "DELETE"),
+        ({"name": "bad name!", "path": more_experts["arith_lora"]}, 400, "name"),
+        ({"name": "kw", "path": more_experts["arith_lora"], "keywords": ["+"]}, 400, "strategy keywords"),
+    ]:
+        status, err = _req(url, "POST", "/admin/experts", body)
+        assert status == want_status and want in err["error"]["message"], (body, status, err)
+
+    status, gone = _req(url, "DELETE", "/admin/experts/arith_lora")
+    assert status == 200 and gone["unloaded"] is True, gone
+    status, body, _ = _chat(url, PROMPTS["arithmetic"][0], model="arith_lora")
+    assert status == 404, body
+    assert _req(url, "DELETE", "/admin/experts/arith_lora")[0] == 404
+    assert _req(url, "DELETE", "/admin/experts/base")[0] == 404
+    assert "arith_lora" not in {e["name"] for e in _req(url, "GET", "/admin/experts")[1]["data"]}
+    status, body, _ = _chat(url, PROMPTS["strings"][0])  # routing still works for the others
+    assert status == 200 and body["expert"] == "strings"
+
+
+def test_admin_endpoints_need_the_key(app, serve_ray, tiny_model):
+    url = app["url"]
+    for key in ("wrong", None):
+        for method, path, body in (("GET", "/admin/experts", None), ("DELETE", "/admin/experts/strings", None),
+                                   ("POST", "/admin/experts", {"name": "x", "path": "/nowhere"})):
+            status, err = _req(url, method, path, body, key=key)
+            assert status == 401 and "API key" in err["error"]["message"], (method, key, err)
+    assert _req(url, "GET", "/admin/experts")[0] == 200  # strings was not removed
+    # an app without a key refuses admin calls altogether (it still serves)
+    from ray import serve
+
+    from serve.app import build_application
+    from serve.config import validate_serve_config
+
+    cpu = {"num_cpus": 0.1}
+    cfg = validate_serve_config({"base_model": tiny_model, "router": {"strategy": "explicit", "resources": cpu},
+                                 "base": {"path": tiny_model, "resources": cpu}, "single_device": True,
+                                 "http": {"port": app["cfg"].http.port}, "app_name": "nokey"})
+    serve.run(build_application(cfg), name="nokey", route_prefix="/nokey")
+    try:
+        status, err = _req(f"{url}/nokey", "GET", "/admin/experts", key=None)
+        assert status == 403 and "api_key" in err["error"]["message"] and "api_key_env" in err["error"]["message"]
+        assert _req(f"{url}/nokey", "POST", "/admin/experts", {"name": "x", "path": "/x"}, key=None)[0] == 403
+        status, body = _req(f"{url}/nokey", "POST", "/v1/completions",
+                            {"model": "base", "prompt": "hi", "max_tokens": 2}, key=None)
+        assert status == 200 and body["expert"] == "base"
+    finally:
+        serve.delete("nokey")
+
+
+def test_mixed_requests_equal_experts_merged_offline(app, more_experts):
+    """model "mix" + experts {name: weight}: SVF z vectors mixed (svf.mix) and LoRA adapters merged
+    (PEFT add_weighted_adapter, linear and cat) per request give the greedy answers of the same
+    mixes merged offline and served as plain experts."""
+    url = app["url"]
+    added = ["arith_lora", "svf_offline", "lora_linear", "lora_cat"]
+    for name in added:
+        status, body = _req(url, "POST", "/admin/experts", {"name": name, "path": more_experts[name]})
+        assert status == 201, body
+    try:
+        cases = [("svf_offline", {"arithmetic": 0.7, "comparison": 0.3}, "linear"),
+                 ("lora_linear", {"strings": 0.4, "arith_lora": 0.6}, "linear"),
+                 ("lora_cat", {"arith_lora": 0.6, "strings": 0.4}, "cat")]
+        texts = [PROMPTS["arithmetic"][0], PROMPTS["comparison"][0], PROMPTS["strings"][0]]
+        for offline, weights, combination in cases:
+            for text in texts:
+                _, want, _ = _chat(url, text, model=offline, max_tokens=8)
+                status, got, headers = _chat(url, text, model="mix", experts=weights, combination=combination, max_tokens=8)
+                assert status == 200, got
+                assert got["routing"] == {"strategy": "mix", "experts": weights, "combination": combination}
+                assert got["expert"].startswith("mix(") and headers["x-raylib-expert"] == got["expert"]
+                assert got["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"], \
+                    (offline, text, got, want)
+        # the mix differs from its parts (the test would not notice a mix that ignores weights otherwise)
+        solo = [_chat(url, t, model="arithmetic", max_tokens=8)[1]["choices"][0]["message"]["content"] for t in texts]
+        mixed = [_chat(url, t, model="mix", experts=cases[0][1], max_tokens=8)[1]["choices"][0]["message"]["content"]
+                 for t in texts]
+        assert solo != mixed
+        # bad mixes: 400 with the reason
+        for kw, want in [({"model": "mix"}, "needs experts"), ({"model": "mix", "experts": {"nope": 1.0}}, "not experts"),
+                         ({"model": "mix", "experts": {"strings": 0.5, "arithmetic": 0.5}}, "SVF experts with SVF"),
+                         ({"model": "mix", "experts": {"arithmetic": 0.5, "comparison": 0.5}, "combination": "cat"}, "linearly"),
+                         ({"model": "strings", "experts": {"strings": 1.0}}, 'set model to "mix"')]:
+            status, err, _ = _chat(url, texts[0], **kw)
+            assert status == 400 and want in err["error"]["message"], (kw, err)
+        # streaming a mix gives the non-streamed text
+        stream = _client(app).chat.completions.create(model="mix", messages=[{"role": "user", "content": texts[0]}],
+                                                      max_tokens=8, temperature=0, stream=True,
+                                                      extra_body={"experts": cases[1][1]})
+        _, want, _ = _chat(url, texts[0], model="lora_linear", max_tokens=8)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == \
+            want["choices"][0]["message"]["content"]
+    finally:
+        for name in added:
+            _req(url, "DELETE", f"/admin/experts/{name}")
+
+
+def test_engine_without_experts_takes_them_in_place(tiny_model, serve_experts):
+    """The multi-deployment `base` replica starts with the base model only; experts added at
+    run time wrap/decompose that model in place and answer like an engine built with them."""
+    import torch
+
+    from serve.engine import Engine
+
+    torch.set_num_threads(1)
+    names = ("strings", "arithmetic")
+    reqs = [dict(expert=n, kind="chat", messages=[{"role": "user", "content": PROMPTS["arithmetic"][0]}], max_tokens=6)
+            for n in names]
+    want = [Engine(tiny_model, {n: serve_experts[n]}, include_base=False).generate([r])[0]["text"] for n, r in zip(names, reqs)]
+    engine = Engine(tiny_model, {})
+    base_model = engine.slots["base"].model
+    assert engine.add_expert("strings", serve_experts["strings"])["shared_base"] is True
+    assert engine.slots["strings"].model.get_base_model() is base_model  # the same weights, wrapped
+    engine.add_expert("arithmetic", serve_experts["arithmetic"])
+    assert [engine.generate([r])[0]["text"] for r in reqs] == want
+    # the registry a router sends: experts it no longer knows are dropped, known ones come back
+    engine.generate([dict(expert="base", prompt="hi", max_tokens=1, registry={})])
+    assert engine.names == ["base"]
+    out = engine.generate([{**reqs[0], "registry": {"strings": serve_experts["strings"]}}])[0]
+    assert out["text"] == want[0] and engine.names == ["base", "strings"]
+    # mixes are cached per weight set, LRU-evicted beyond mix_cache (a LoRA mix's adapter is deleted)
+    engine.mix_cache = 1
+    first = engine.generate([{**reqs[0], "mix": {"strings": 0.5}}])[0]
+    adapter = engine.slots[first["expert"]].adapter
+    assert first["expert"] == "mix(strings=0.5)" and adapter in engine.slots["strings"].model.peft_config
+    assert engine.generate([{**reqs[0], "mix": {"strings": 0.5}}])[0]["text"] == first["text"]
+    engine.generate([{**reqs[0], "mix": {"strings": 0.25}}])
+    assert list(engine._mixes.values()) == ["mix(strings=0.25)"]
+    assert adapter not in engine.slots["strings"].model.peft_config
+
+
+@pytest.mark.slow
+def test_multi_deployment_takes_experts_and_mixes_in_the_base_replica(app, multi_app, more_experts):
+    """Multi-deployment: a run-time expert and the mixes are served by the `base` replica (which
+    loads them into its own engine) and answer like the single-device app."""
+    from ray import serve
+
+    url, single = multi_app["url"], app["url"]
+    status, added = _req(url, "POST", "/admin/experts", {"name": "arith_lora", "path": more_experts["arith_lora"]})
+    assert status == 201 and added["deployment"] == "base" and added["shared_base"] is True, added
+    assert set(serve.status().applications["multi"].deployments) == {"router", "base", *(f"expert-{d}" for d in DOMAINS)}
+    _req(single, "POST", "/admin/experts", {"name": "arith_lora", "path": more_experts["arith_lora"]})
+    try:
+        text = PROMPTS["arithmetic"][1]
+        for kw in ({"model": "arith_lora"}, {"model": "mix", "experts": {"arithmetic": 0.5, "comparison": 0.5}},
+                   {"model": "mix", "experts": {"arith_lora": 0.5, "strings": 0.5}}):
+            status, m, _ = _chat(url, text, **kw)
+            _, s, _ = _chat(single, text, **kw)
+            assert status == 200 and m["expert"] == s["expert"], m
+            assert m["choices"][0]["message"]["content"] == s["choices"][0]["message"]["content"], (kw, m, s)
+    finally:
+        _req(url, "DELETE", "/admin/experts/arith_lora")
+        _req(single, "DELETE", "/admin/experts/arith_lora")
+    assert _chat(url, text, model="arith_lora")[0] == 404
