@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.raylib-installed
 # torch first and pinned: a looser spec would pull a multi-GB CUDA build on CPU machines
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-slow test-all bench clean
 
 setup: $(STAMP)
 
@@ -20,11 +20,16 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/raylib demo
 
+# the suite: every test not marked slow (~15 min on 2 CPU cores)
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" --durations=15
 
-test-fast: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+# the long end-to-end tests (multi-node, fault tolerance, S3, job submission, ...; ~22 min)
+test-slow: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow --durations=15
+
+test-all: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15
 
 bench: setup
 	$(BIN)/python jobs/bench/train_overhead.py
