@@ -122,3 +122,14 @@ def test_cli_validate_reports_bad_rows(tiny_model, tmp_path):
     proc = run_cli("validate", write_job(tmp_path / "job.yaml", job), env=NO_RAY, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "3 rows, 2 bad" in proc.stdout and "missing 'output'" in proc.stdout
+
+
+def test_config_errors_survive_pickling():
+    """Ray pickles exceptions raised in workers and trials; the driver must see the same error."""
+    import pickle
+
+    from raylib.errors import ConfigError, DataError
+
+    for err in (ConfigError("train.lr", "must be positive", "set train.lr > 0"), DataError("data.train", "is empty")):
+        again = pickle.loads(pickle.dumps(err))
+        assert type(again) is type(err) and str(again) == str(err) and again.field == err.field
