@@ -155,16 +155,18 @@ def load_job(path: str | os.PathLike, overrides: list[str] | None = None) -> Job
     return validate_job(raw, source=str(path))
 
 
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def read_yaml(path: str | os.PathLike, what: str = "job file", kind: str = "job",
+              sections: str = "of sections (model, data, method, ...)") -> dict[str, Any]:
+    """A YAML mapping from `path` (job files here; serve configs reuse it), or a ConfigError."""
     if not os.path.isfile(path):
-        raise ConfigError("", f"job file {str(path)!r} does not exist", "pass the path of a job YAML")
+        raise ConfigError("", f"{what} {str(path)!r} does not exist", f"pass the path of a {kind} YAML")
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
     except yaml.YAMLError as exc:
         raise ConfigError("", f"{path} is not valid YAML: {exc}".replace("\n", " ")) from exc
     if not isinstance(raw, dict):
-        raise ConfigError("", f"{path} must be a YAML mapping of sections (model, data, method, ...)")
+        raise ConfigError("", f"{path} must be a YAML mapping {sections}")
     return raw
 
 

@@ -278,17 +278,9 @@ def resolve_paths(raw: dict[str, Any], base_dir: str) -> dict[str, Any]:
 
 
 def load_serve_config(path: str, overrides: list[str] | None = None, check_paths: bool = True) -> ServeConfig:
-    from raylib.config import apply_override
+    from raylib.config import apply_override, read_yaml
 
-    if not os.path.isfile(path):
-        raise ConfigError("", f"serve config {path!r} does not exist", "pass the path of a serve YAML")
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as exc:
-        raise ConfigError("", f"{path} is not valid YAML: {exc}".replace("\n", " ")) from exc
-    if not isinstance(raw, dict):
-        raise ConfigError("", f"{path} must be a YAML mapping (base_model, experts, router, ...)")
+    raw = read_yaml(path, "serve config", "serve", "(base_model, experts, router, ...)")
     for item in overrides or []:
         apply_override(raw, item)
     return validate_serve_config(resolve_paths(raw, os.getcwd()), source=path, check_paths=check_paths)
