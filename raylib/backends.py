@@ -81,21 +81,7 @@ def build_optimizer(model, train_cfg):
 
 #: (method, ZeRO stage) pairs that cannot run under DeepSpeed, with the reason (a ConfigError
 #: before Ray starts). Every other method of the registry runs on both stages (tests/test_backends.py).
-_ADALORA = (
-    "AdaLoRA's rank allocator (update_and_allocate) scores every LoRA weight by its gradient after "
-    "backward, but under DeepSpeed the gradients live in ZeRO's partitioned buffers and the engine "
-    "step (inside accelerator.backward) has already consumed them ('Gradients are only available "
-    "immediately after backward and before engine step'); training on would silently be plain LoRA"
-)
-
 DEEPSPEED_UNSUPPORTED: dict[tuple[str, int], str] = {
-    ("adalora", 2): _ADALORA,
-    ("adalora", 3): _ADALORA,
-    ("heads", 3): (
-        "heads run the frozen backbone outside the DeepSpeed engine (the feature cache and pooling), "
-        "but ZeRO-3 partitions the backbone's weights while it loads, so that forward fails; heads "
-        "train a few thousand parameters, so ZeRO-2 (or accelerate) loses nothing"
-    ),
     ("qlora", 3): (
         "ZeRO-3 partitions parameters while the model loads (zero.Init), and transformers refuses the "
         "device_map that places bitsandbytes 4-bit weights ('DeepSpeed Zero-3 is not compatible with "
@@ -290,6 +276,19 @@ def deepspeed_engine(accelerator, model):
     return model
 
 
+def engine_backward_and_step(engine, loss, sync_gradients: bool, before_step=None) -> None:
+    """What `accelerator.backward` does under DeepSpeed (accelerate's DeepSpeedEngineWrapper),
+    with a hook between the engine's backward and its step: ZeRO's reduced (partitioned)
+    gradients exist only there, and AdaLoRA's rank allocator scores weights by them.
+    The engine scales the loss for accumulation and clips (gradient_clipping) itself."""
+    engine.set_gradient_accumulation_boundary(is_boundary=sync_gradients)
+    engine.backward(loss)
+    if sync_gradients:
+        if before_step is not None:
+            before_step()
+        engine.step()
+
+
 def zero_stage(engine) -> int:
     return engine.zero_optimization_stage() if engine is not None else 0
 
@@ -332,6 +331,19 @@ def gathered_trainable(engine, model):
 
     params = [p for p in model.parameters() if p.requires_grad]
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def gathered_zero3_params(model):
+    """Context: every ZeRO-3-partitioned parameter of `model` whole on this rank (read-only),
+    for a forward outside the engine; a no-op when nothing is partitioned."""
+    import contextlib
+
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
 def print_deepspeed_config(job, local: bool = False, stream=None) -> None:

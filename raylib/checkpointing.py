@@ -53,6 +53,7 @@ def save(ckpt_dir: str, *, method, model, tokenizer, optimizer, scheduler, state
         import time
 
         time.sleep(delay)
+    method.save_train_state(model, state_dir)
     if optimizer is not None:  # DeepSpeed: the engine checkpoint holds the optimizer state
         torch.save(optimizer.state_dict(), os.path.join(state_dir, "optimizer.pt"))
     torch.save(scheduler.state_dict(), os.path.join(state_dir, "scheduler.pt"))
@@ -80,6 +81,7 @@ def restore(ckpt_dir: str, *, method, model, optimizer, scheduler, engine=None) 
     else:
         method.load_into(model, os.path.join(ckpt_dir, "expert"))
         optimizer.load_state_dict(torch.load(os.path.join(state_dir, "optimizer.pt"), weights_only=False))
+    method.load_train_state(model, state_dir)
     scheduler.load_state_dict(torch.load(os.path.join(state_dir, "scheduler.pt"), weights_only=False))
     with open(os.path.join(state_dir, STATE_FILE)) as f:
         return TrainState(**json.load(f))

@@ -202,12 +202,17 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
             real += int(n_tokens)
             with accelerator.accumulate(model):
                 loss = objective.loss(model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and job.train.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
-                optimizer.step()
+                if engine is not None:  # DeepSpeed: backward, (the method's look at the grads), step
+                    backends.engine_backward_and_step(
+                        engine, loss, accelerator.sync_gradients,
+                        before_step=lambda: method.before_engine_step(unwrapped, state.step, engine))
+                else:
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and job.train.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
+                optimizer.step()  # a no-op under DeepSpeed (the engine stepped)
                 if accelerator.sync_gradients:
-                    method.after_step(unwrapped, state.step)  # gradients still there (AdaLoRA)
+                    method.after_step(unwrapped, state.step, engine)  # gradients still there (AdaLoRA)
                 optimizer.zero_grad()
             window += torch.stack([loss.detach().double() * n_labels, n_labels.double(), n_tokens.double()])
             state.batches_in_epoch += 1

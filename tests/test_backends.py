@@ -323,7 +323,87 @@ def test_every_method_on_deepspeed(stage, tiny_model, demo_data, tmp_path, monke
             again = _rescore_any(validate_job(jobs[name]), r["expert"])
             if abs(again - r["after"]) > tol:
                 problems[name] = f"the reloaded expert scores {again:.6f}, the run ended at {r['after']:.6f}"
+            if name == "adalora":  # the rank allocator ran under ZeRO: ranks pruned to the budget
+                ranks = _adalora_ranks(r["expert"])
+                target = jobs[name]["method"]["target_r"] * 14
+                if sum(ranks.values()) != target:
+                    problems[name] = f"AdaLoRA kept {sum(ranks.values())} ranks, the budget is {target}"
     assert not problems, json.dumps(problems, indent=1)
+
+
+def _adalora_ranks(expert_dir: str) -> dict[str, int]:
+    """Rank of every adapted matrix in a published AdaLoRA adapter (the saved lora_A rows)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(expert_dir, "adapter_model.safetensors"))
+    return {k: v.shape[0] for k, v in weights.items() if k.endswith("lora_A")}
+
+
+ADALORA_RESUME_CODE = r"""
+import json, os, tempfile
+os.environ["DS_ACCELERATOR"] = "cpu"
+from raylib.config import validate_job
+from raylib.train_loop import PlainSession, run
+raw = json.loads(os.environ["RAYLIB_TEST_JOB"])
+job = validate_job(raw)
+tmp = tempfile.mkdtemp()
+straight = PlainSession(os.path.join(tmp, "a"))
+out = run(job, straight)
+mid = [r["checkpoint"] for r in straight.reports if r["step"] == 4][0]
+resumed = PlainSession(os.path.join(tmp, "b"), resume_from=mid)
+out2 = run(job, resumed)
+pattern = lambda o: o["model"].peft_config["default"].rank_pattern
+print(json.dumps({"straight": straight.reports[-1]["eval_loss"], "resumed": resumed.reports[-1]["eval_loss"],
+                  "same_pattern": pattern(out) == pattern(out2),
+                  "ranks": sum(sum(map(bool, v)) for v in pattern(out2).values())}))
+"""
+
+
+@pytest.mark.parametrize("backend", [
+    {"name": "accelerate"},
+    pytest.param({"name": "deepspeed", "zero_stage": 2}, marks=pytest.mark.slow),
+])
+def test_adalora_resume_mid_budget_is_exact(backend, tiny_model, demo_data, tmp_path, monkeypatch):
+    """An 8-step AdaLoRA run resumed from its step-4 checkpoint, in the middle of the budget
+    schedule, ends exactly where the straight run does: the checkpoint carries the rank
+    allocator's importance averages and the rank pattern, not only the weights."""
+    raw = job_dict(tiny_model, demo_data, "unused", backend=backend,
+                   method={"name": "adalora", "init_r": 8, "target_r": 2, "tinit": 2, "tfinal": 2, "deltaT": 1,
+                           "dropout": 0.0},
+                   train={"max_steps": 8, "checkpoint_every": 4, "lr": 1e-2, "lr_scheduler": "constant"},
+                   scaling={"num_workers": 1})
+    monkeypatch.setenv("RAYLIB_TEST_JOB", json.dumps(raw))
+    proc = run_python(ADALORA_RESUME_CODE, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["same_pattern"] and res["ranks"] == 2 * 14, res
+    assert res["resumed"] == pytest.approx(res["straight"], abs=1e-6), res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adalora", "heads"])
+def test_zero3_adalora_and_heads_two_workers(name, ray_session, tiny_model, demo_data, tmp_path):
+    """The two methods that need more than the engine's own loop under ZeRO-3, on 2 Ray Train
+    workers: AdaLoRA's allocator reads whole gradients and masks partitioned weights through
+    collectives (both ranks must agree on the pattern), and heads cache the backbone's
+    features before the engine exists (gathered from the partitions)."""
+    from test_methods import SETTINGS, method_job
+
+    from raylib.synthetic import write_classification_dataset
+
+    cls_data = write_classification_dataset(str(tmp_path / "cls"), n_train=400, n_eval=90)
+    out = str(tmp_path / "run")
+    job = validate_job(method_job(name, tiny_model, demo_data, cls_data, out, scaling={"num_workers": 2},
+                                  backend={"name": "deepspeed", "zero_stage": 3}, train={"max_steps": 10}))
+    result = launch.train(job, show_progress=False)
+    m = result.metrics
+    assert m["world_size"] == 2 and m["eval_loss"] < m["eval_loss_before"], m
+    again = _rescore_any(job, result.expert_dir)
+    assert again == pytest.approx(m["eval_loss"], abs=2e-4), (again, m["eval_loss"])
+    if name == "adalora":
+        assert sum(_adalora_ranks(result.expert_dir).values()) == job.method.target_r * 14
+    else:
+        assert m["eval_domain_accuracy"] > 0.4, m
 
 
 @pytest.mark.parametrize("backend", [{"name": "accelerate"}, {"name": "deepspeed", "zero_stage": 3}])

@@ -13,8 +13,13 @@ Ray starts) and four operations the training loop and the serve layer call:
 Optional hooks (defaults do nothing), so the training loop stays method-agnostic:
 
 - `begin_training(model, total_steps)`: once the run's step count is known (schedules).
-- `after_step(model, step)`: called once per optimizer step, after `optimizer.step()` and
-  before the gradients are zeroed (AdaLoRA's rank allocator reads them there).
+- `after_step(model, step, engine)`: called once per optimizer step, after `optimizer.step()`
+  and before the gradients are zeroed (AdaLoRA's rank allocator reads them there).
+- `before_engine_step(model, step, engine)`: DeepSpeed only, between the engine's backward and
+  its step: the only moment ZeRO's partitioned gradients can be read.
+- `save_train_state(model, state_dir)` / `load_train_state(model, state_dir)`: method state
+  that is not weights (AdaLoRA's importance averages), written into the checkpoint's
+  train_state/ and read back on resume on both backends.
 
 Adding a method = one module with a `Method` subclass + one line in `METHODS`.
 Modules here must stay cheap to import (no torch/peft at import time): the config schema is
@@ -56,8 +61,18 @@ class Method(ABC):
     def begin_training(self, model, total_steps: int) -> None:
         """Once, before the first step, with the run's optimizer step count (unwrapped model)."""
 
-    def after_step(self, model, step: int) -> None:
-        """Per optimizer step, gradients still present; `step` counts from 0 (unwrapped model)."""
+    def after_step(self, model, step: int, engine=None) -> None:
+        """Per optimizer step, gradients still present; `step` counts from 0 (unwrapped model).
+        `engine` is the DeepSpeed engine (None on accelerate): its step has consumed the grads."""
+
+    def before_engine_step(self, model, step: int, engine) -> None:
+        """DeepSpeed only: after the engine's backward, before its step (gradients readable)."""
+
+    def save_train_state(self, model, state_dir: str) -> None:
+        """Non-weight training state into a checkpoint's train_state/ (rank 0)."""
+
+    def load_train_state(self, model, state_dir: str) -> None:
+        """Read back what `save_train_state` wrote (every rank, after the weights)."""
 
     @abstractmethod
     def apply(self, model, job: "JobConfig"):

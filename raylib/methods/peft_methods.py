@@ -264,8 +264,60 @@ class AdaLoRA(PeftMethod):
         check_schedule(cfg, total_steps)
         cfg.total_step = total_steps
 
-    def after_step(self, model, step: int) -> None:
-        model.base_model.update_and_allocate(step)
+    def after_step(self, model, step: int, engine=None) -> None:
+        if engine is None:
+            model.base_model.update_and_allocate(step)
+            return
+        # DeepSpeed: the importance scores were updated in before_engine_step (from the grads);
+        # here PEFT's update_and_allocate's masking half, on whole tensors, written back to ZeRO
+        alloc, cfg = model.base_model.rankallocator, model.peft_config[model.active_adapter]
+        final = cfg.total_step - cfg.tfinal
+        if step < final:
+            budget, mask_now = alloc.budget_schedule(step)
+            if mask_now:
+                view = _ZeroView(model.base_model.model, "lora_E")
+                cfg.rank_pattern = alloc.mask_to_budget(view, budget)
+                view.write_back()
+        elif step == final:  # the final budget: the pattern is fixed from here on
+            view = _ZeroView(model.base_model.model, "lora_E")
+            cfg.rank_pattern = alloc.mask_to_budget(view, alloc.budget_schedule(step)[0])
+            view.write_back()
+            alloc.reset_ipt()
+        else:
+            view = _ZeroView(model.base_model.model, "lora_E")
+            alloc.mask_using_rank_pattern(view, cfg.rank_pattern)
+            view.write_back()
+
+    def before_engine_step(self, model, step: int, engine) -> None:
+        """Sensitivity/uncertainty averages from |w x grad|, read while ZeRO still holds the
+        gradients (after the engine's backward, before its step). PEFT scores the post-step
+        weights against this step's gradients; here it is the pre-step weights: one step apart."""
+        cfg = model.peft_config[model.active_adapter]
+        if step < cfg.total_step - cfg.tfinal:
+            model.base_model.rankallocator.update_ipt(_ZeroView(model.base_model.model, "lora_", with_grads=True))
+
+    def save_train_state(self, model, state_dir: str) -> None:
+        """The rank allocator's importance averages and the rank pattern: resuming without them
+        would restart the budget from fresh scores."""
+        import torch
+
+        alloc, cfg = model.base_model.rankallocator, model.peft_config[model.active_adapter]
+        torch.save({"ipt": alloc.ipt, "exp_avg_ipt": alloc.exp_avg_ipt, "exp_avg_unc": alloc.exp_avg_unc,
+                    "rank_pattern": cfg.rank_pattern}, os.path.join(state_dir, ADALORA_ALLOCATOR))
+
+    def load_train_state(self, model, state_dir: str) -> None:
+        import torch
+
+        path = os.path.join(state_dir, ADALORA_ALLOCATOR)
+        if not os.path.exists(path):  # a checkpoint from before the allocator was saved
+            return
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        alloc, cfg = model.base_model.rankallocator, model.peft_config[model.active_adapter]
+        device = next(p.device for p in model.parameters())
+        for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            setattr(alloc, key, {n: t.to(device) for n, t in saved[key].items()})
+        if saved["rank_pattern"]:
+            cfg.rank_pattern = saved["rank_pattern"]
 
     def save(self, model, out_dir: str) -> None:
         """The PEFT adapter (ranks cut to the allocated pattern, as PEFT saves it) plus the
@@ -287,7 +339,7 @@ class AdaLoRA(PeftMethod):
 
     def load_into(self, model, src_dir: str) -> None:
         """Resume: full-rank weights back in place; the rank pattern if it was fixed already.
-        The allocator's importance averages restart (they are not in the adapter)."""
+        The allocator's importance averages come back through `load_train_state`."""
         import json
 
         import torch
@@ -305,6 +357,56 @@ class AdaLoRA(PeftMethod):
 
 
 ADALORA_RESUME = "adalora_resume.safetensors"
+ADALORA_ALLOCATOR = "adalora_allocator.pt"
+
+
+class _ZeroView:
+    """The AdaLoRA tensors of a DeepSpeed model, whole, for PEFT's RankAllocator.
+
+    `model` is the one PEFT's own update_and_allocate hands the allocator (the AdaLoraModel's
+    inner model), so parameter names and rank-pattern keys are the same on both backends.
+    The allocator walks `model.named_parameters()` and multiplies/masks each tensor in place;
+    under ZeRO the module's tensors are partitioned (ZeRO-3) or shadowed by the optimizer's
+    fp32 master copy (ZeRO-2), so it walks this view instead: full fp32 copies of the
+    parameters whose names contain `part` (collective gathers, identical on every rank), with
+    their full gradients attached when `with_grads`. Other adapter tensors appear as empty
+    placeholders (the allocator needs only their names). `write_back` puts masked values into
+    the optimizer's master copy and the module's weights.
+    """
+
+    def __init__(self, model, part: str, with_grads: bool = False):
+        import torch
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+        self._params = {}
+        self._full = {}
+        for n, p in model.named_parameters():
+            if "lora_" not in n or not p.requires_grad:
+                continue
+            if part in n:
+                full = safe_get_full_fp32_param(p).detach().clone()
+                if with_grads:
+                    full.grad = safe_get_full_grad(p).detach().to(full.dtype)
+                self._params[n] = p
+                self._full[n] = full
+            else:
+                self._full[n] = torch.empty(0)
+
+    def named_parameters(self):
+        return iter(self._full.items())
+
+    def write_back(self) -> None:
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for n, p in self._params.items():
+            value = self._full[n]
+            safe_set_full_fp32_param(p, value)  # the optimizer's master copy
+            if hasattr(p, "ds_id"):  # ZeRO-3: the module's partition, via a gather
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    p.data.copy_(value.to(p.dtype))
+            else:
+                p.data.copy_(value.to(p.dtype))
 
 
 def resolve_targets(targets, layers_to_transform, model):

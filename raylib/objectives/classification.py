@@ -157,8 +157,15 @@ def _tokenize(rows: list[dict], tokenizer, job) -> list[dict]:
 
 
 def cache_features(model, seqs: list[dict], device, batch_size: int = 64) -> list[dict]:
-    """Run the frozen backbone once: each sequence -> its pooled feature vector."""
+    """Run the frozen backbone once: each sequence -> its pooled feature vector.
+
+    This runs before the DeepSpeed engine exists; under ZeRO-3 the backbone was partitioned
+    while it loaded, so its weights are gathered whole for the duration (the backbone is
+    frozen and each rank caches every row: the same peak as loading it without ZeRO-3).
+    """
     import torch
+
+    from raylib.backends import gathered_zero3_params
 
     if not seqs:
         return []
@@ -166,7 +173,7 @@ def cache_features(model, seqs: list[dict], device, batch_size: int = 64) -> lis
     was_training = model.training
     model.eval()
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), gathered_zero3_params(model):
         for i in range(0, len(seqs), batch_size):
             chunk = seqs[i : i + batch_size]
             batch = collate(chunk)
