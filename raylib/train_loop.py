@@ -176,6 +176,8 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
         "world_size": world,
         "worker_node_ids": ",".join(node_ids),
         "num_nodes": len(set(node_ids)),
+        "device": device_type,
+        "mixed_precision": str(accelerator.mixed_precision),
         **prepared.report.as_metrics(),
     }
     session.progress({
@@ -249,6 +251,8 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
                     session.progress({"type": "eval", **metrics})
                 if at_end:
                     metrics["step_time_p50"] = steady_step_time(step_times)
+                    if device_type == "cuda":  # this rank's high-water mark of allocated GPU memory
+                        metrics["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
                 if do_ckpt:
                     _checkpoint(session, job, method, unwrapped, tokenizer, optimizer, scheduler, state, metrics, rank,
                                 engine)
