@@ -19,11 +19,19 @@ log = logging.getLogger(__name__)
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def resolve_dtype(name: str, device_type: str):
-    """`auto` -> bf16 on a GPU that supports it, fp32 otherwise."""
+def resolve_dtype(name: str, device_type: str, trains_weights: bool = False):
+    """`auto` -> bf16 on a GPU that supports it, fp32 otherwise.
+
+    `trains_weights` (full fine-tuning): `auto` keeps fp32 weights, and bf16 comes from the
+    backend's autocast. bf16 weights updated by AdamW lose every update below their 2^-8
+    relative precision (measured on an H200: 30 steps of full fine-tuning reached eval loss
+    3.36 with bf16 weights, 2.22 with DeepSpeed's fp32 master weights, same batches).
+    """
     import torch
 
     if name == "auto":
+        if trains_weights:
+            return torch.float32
         if device_type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
@@ -59,13 +67,14 @@ def load_tokenizer(model_cfg):
     return tok
 
 
-def load_model(model_cfg, device=None):
-    """The base causal LM. Quantized models are placed on `device` at load (bitsandbytes)."""
+def load_model(model_cfg, device=None, trains_weights: bool = False):
+    """The base causal LM. Quantized models are placed on `device` at load (bitsandbytes).
+    `trains_weights`: the method updates the base weights themselves (see resolve_dtype)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device or "cpu")
-    dtype = resolve_dtype(model_cfg.dtype, device.type)
+    dtype = resolve_dtype(model_cfg.dtype, device.type, trains_weights)
     kwargs = dict(
         dtype=dtype,
         revision=model_cfg.revision,

@@ -119,11 +119,11 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
 
     # model + method
     tokenizer = models.load_tokenizer(job.model)
-    model = models.load_model(job.model, accelerator.device)
+    method = get_method(job.method.name)
+    model = models.load_model(job.model, accelerator.device, trains_weights=method.trains_base_weights)
     model.config.use_cache = False
     if job.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    method = get_method(job.method.name)
     model = method.apply(model, job)
     trainable, total = models.count_parameters(model)
     if rank == 0:

@@ -51,6 +51,9 @@ class Method(ABC):
     quantization: ClassVar[str | None] = None
     #: optimizer the method defaults to when train.optimizer is not set
     default_optimizer: ClassVar[str] = "adamw"
+    #: the method trains the base model's own weights (full fine-tuning): model.dtype `auto`
+    #: then loads them in fp32, and bf16 is autocast only (models.resolve_dtype)
+    trains_base_weights: ClassVar[bool] = False
 
     def check(self, job: "JobConfig") -> None:
         """Driver-side validation beyond the schema. Raise ConfigError."""

@@ -16,6 +16,7 @@ class FullOptions(MethodOptions):
 class FullFineTuning(Method):
     name = "full"
     Options = FullOptions
+    trains_base_weights = True
 
     def check(self, job) -> None:
         from raylib.errors import ConfigError

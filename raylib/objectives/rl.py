@@ -209,9 +209,9 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     reward_fn = resolve(obj.reward)
 
     tokenizer = models.load_tokenizer(job.model)
-    model = models.load_model(job.model, device)
-    model.config.use_cache = False
     method = get_method(job.method.name)
+    model = models.load_model(job.model, device, trains_weights=method.trains_base_weights)
+    model.config.use_cache = False
     model = method.apply(model, job)
     frozen = None
     if job.method.name == "full":
@@ -348,7 +348,8 @@ def run_grpo(job, session, use_gpu: bool = False) -> dict[str, Any]:
     tokenizer = models.load_tokenizer(job.model)
     tokenizer.padding_side = "left"
     method = get_method(job.method.name)
-    model = models.load_model(job.model, "cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    model = models.load_model(job.model, "cuda" if use_gpu and torch.cuda.is_available() else "cpu",
+                              trains_weights=method.trains_base_weights)
     peft_config = None
     if isinstance(method, PeftMethod):
         peft_config = method.peft_config(job)
