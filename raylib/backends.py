@@ -39,8 +39,12 @@ def make_accelerator(job, device_type: str):
     if job.backend.name == "deepspeed":
         return make_deepspeed_accelerator(job, device_type)
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration
 
+    # Accelerate keeps process-wide state; a second run in one process (a plain run after
+    # another, a benchmark) with another precision would otherwise be refused
+    AcceleratorState._reset_state(True)
     return Accelerator(
         cpu=device_type == "cpu",
         mixed_precision=resolve_mixed_precision(job.backend.mixed_precision, device_type),

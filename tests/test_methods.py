@@ -366,3 +366,19 @@ def test_full_fine_tuning_keeps_fp32_weights_under_auto_dtype():
     assert resolve_dtype("auto", "cuda", trains_weights=True) == torch.float32  # asks no GPU
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("bf16", "cuda", trains_weights=True) == torch.bfloat16
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp16", "auto"), ("bf16", "auto"), ("fp16", "fp16")])
+def test_mixed_precision_runs_one_after_another_in_one_process(precision, dtype, tiny_model, demo_data, cls_data,
+                                                               tmp_path):
+    """fp16 / bf16 autocast (and fp16 weights) learn, the run reports the precision it used,
+    and runs with different precisions follow each other in one process (Accelerate's
+    process-wide state is reset per run)."""
+    raw = method_job("lora", tiny_model, demo_data, cls_data, str(tmp_path / "o"), train={"max_steps": 6},
+                     backend={"mixed_precision": precision})
+    raw["model"]["dtype"] = dtype
+    session = PlainSession(str(tmp_path / "ckpt"))
+    run(validate_job(raw), session)
+    final = session.reports[-1]
+    assert final["mixed_precision"] == precision and final["device"] == "cpu"
+    assert final["eval_loss"] < final["eval_loss_before"] - 0.5, final
