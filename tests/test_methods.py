@@ -140,6 +140,12 @@ def test_adalora_prunes_ranks_to_the_budget_and_keeps_orth_reg_in_the_loss(tiny_
     assert len(saved) == len(ranks)
     assert sum(saved.values()) == target_r * len(ranks)
     assert json.load(open(os.path.join(expert, "adapter_config.json")))["rank_pattern"]
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # raylib's loader: no false PEFT alarm
+        warnings.simplefilter("always")
+        get_method("adalora").load(models.load_model(job.model), expert)
+    assert not [w for w in caught if "rank_pattern keys" in str(w.message)]
 
     # the loss the loop optimises includes AdaLoRA's orthogonal regulariser
     tok = models.load_tokenizer(job.model)

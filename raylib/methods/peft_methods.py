@@ -264,6 +264,15 @@ class AdaLoRA(PeftMethod):
         check_schedule(cfg, total_steps)
         cfg.total_step = total_steps
 
+    def load(self, base_model, src_dir: str):
+        import warnings
+
+        with warnings.catch_warnings():
+            # PEFT 0.21 matches rank_pattern keys against module names, but AdaLoRA's keys name
+            # the lora_E tensors ("...q_proj.lora_E"): a false alarm on every AdaLoRA adapter
+            warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
+            return super().load(base_model, src_dir)
+
     def after_step(self, model, step: int, engine=None) -> None:
         if engine is None:
             model.base_model.update_and_allocate(step)
