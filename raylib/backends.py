@@ -36,15 +36,16 @@ def resolve_mixed_precision(setting: str, device_type: str) -> str:
 
 
 def make_accelerator(job, device_type: str):
+    from accelerate.state import AcceleratorState
+
+    # Accelerate keeps process-wide state; a second run in one process (a plain run after
+    # another, a benchmark) with another precision or backend would otherwise be refused
+    AcceleratorState._reset_state(True)
     if job.backend.name == "deepspeed":
         return make_deepspeed_accelerator(job, device_type)
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration
 
-    # Accelerate keeps process-wide state; a second run in one process (a plain run after
-    # another, a benchmark) with another precision would otherwise be refused
-    AcceleratorState._reset_state(True)
     return Accelerator(
         cpu=device_type == "cpu",
         mixed_precision=resolve_mixed_precision(job.backend.mixed_precision, device_type),
@@ -231,7 +232,6 @@ def make_deepspeed_accelerator(job, device_type: str):
     """
     import torch
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, DeepSpeedPlugin, InitProcessGroupKwargs
 
     if not torch.distributed.is_initialized():  # no Ray (plain run, torchrun): DeepSpeed needs a group
@@ -244,7 +244,6 @@ def make_deepspeed_accelerator(job, device_type: str):
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl")
     prepare_cpu_ops(device_type)
-    AcceleratorState._reset_state(True)
     config = deepspeed_config(job, torch.distributed.get_world_size(), device_type)
     plugin = DeepSpeedPlugin(hf_ds_config=config)
     precision = resolve_mixed_precision(job.backend.mixed_precision, device_type)
@@ -320,29 +319,23 @@ def load_engine_state(engine, ckpt_dir: str) -> None:
         raise RuntimeError(f"DeepSpeed found no engine checkpoint in {ckpt_dir}")
 
 
-def gathered_trainable(engine, model):
+def gathered_trainable(model):
     """Context: under ZeRO-3 the trainable parameters whole on every rank (collective).
 
     A PEFT method saves only its trainable tensors, so that is all we gather: the frozen
     base stays partitioned. For full fine-tuning that is the whole model (it must fit one
     worker's memory at save time). Elsewhere a no-op.
     """
+    return gathered_zero3_params(model, trainable_only=True)
+
+
+def gathered_zero3_params(model, trainable_only: bool = False):
+    """Context: every ZeRO-3-partitioned parameter of `model` (or only the trainable ones)
+    whole on this rank, e.g. for a forward outside the engine; a no-op when nothing is
+    partitioned (accelerate, ZeRO-2)."""
     import contextlib
 
-    if zero_stage(engine) != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-def gathered_zero3_params(model):
-    """Context: every ZeRO-3-partitioned parameter of `model` whole on this rank (read-only),
-    for a forward outside the engine; a no-op when nothing is partitioned."""
-    import contextlib
-
-    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id") and (p.requires_grad or not trainable_only)]
     if not partitioned:
         return contextlib.nullcontext()
     import deepspeed

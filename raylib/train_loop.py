@@ -300,7 +300,7 @@ def _checkpoint(session, job, method, model, tokenizer, optimizer, scheduler, st
 def _checkpoint_deepspeed(session, job, method, model, tokenizer, scheduler, state, metrics, rank, engine, name) -> None:
     with tempfile.TemporaryDirectory(prefix="raylib-ckpt-") as tmp:
         backends.save_engine_state(engine, os.path.join(tmp, checkpointing.DEEPSPEED_DIR))  # collective
-        with backends.gathered_trainable(engine, model):  # ZeRO-3: whole trainable tensors on every rank
+        with backends.gathered_trainable(model):  # ZeRO-3: whole trainable tensors on every rank
             if rank == 0:
                 checkpointing.save(tmp, method=method, model=model, tokenizer=tokenizer, optimizer=None,
                                    scheduler=scheduler, state=state, info=_expert_info(job, metrics, state))

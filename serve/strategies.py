@@ -15,17 +15,19 @@ only wires them up. Each `route(text)` returns (name or None, detail dict for th
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 
 from serve.config import RouterConfig
 
 log = logging.getLogger("raylib.serve")
 
 
-class Strategy:
+class Strategy(ABC):
     name = "?"
 
+    @abstractmethod
     def route(self, text: str) -> tuple[str | None, dict]:
-        raise NotImplementedError
+        """(expert name or None for "no opinion", details for the response/logs)."""
 
 
 class Explicit(Strategy):

@@ -414,18 +414,6 @@ def test_a_resolved_job_validates_again(backend, tiny_model, demo_data, tmp_path
     assert validate_job(job.to_dict()).to_dict() == job.to_dict()
 
 
-OFFLOAD_CODE = r"""
-import json, os, tempfile
-os.environ["DS_ACCELERATOR"] = "cpu"
-from raylib.config import validate_job
-from raylib.train_loop import PlainSession, run
-s = PlainSession(tempfile.mkdtemp())
-run(validate_job(json.loads(os.environ["RAYLIB_TEST_JOB"])), s)
-r = s.reports[-1]
-print(json.dumps({"before": r["eval_loss_before"], "after": r["eval_loss"], "expert": os.path.join(r["checkpoint"], "expert")}))
-"""
-
-
 @pytest.mark.slow
 def test_zero3_with_parameter_and_optimizer_offload_trains(tiny_model, demo_data, tmp_path, monkeypatch):
     """ZeRO-3 with parameters and optimizer state offloaded (here onto DeepSpeed's CPU
@@ -437,9 +425,10 @@ def test_zero3_with_parameter_and_optimizer_offload_trains(tiny_model, demo_data
                    scaling={"num_workers": 1})
     cfg = backends.deepspeed_config(validate_job(raw))["zero_optimization"]
     assert cfg["offload_param"]["device"] == "cpu" and cfg["offload_optimizer"]["device"] == "cpu"
-    monkeypatch.setenv("RAYLIB_TEST_JOB", json.dumps(raw))
-    proc = run_python(OFFLOAD_CODE, timeout=900)
+    monkeypatch.setenv("RAYLIB_TEST_JOBS", json.dumps({"offload": raw}))
+    proc = run_python(MATRIX_CODE, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULTS ")][-1]
+    res = json.loads(line[len("RESULTS "):])["offload"]
     assert res["after"] < res["before"] - 0.5, res
     assert _rescore(validate_job(raw), res["expert"]) == pytest.approx(res["after"], abs=2e-4)
