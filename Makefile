@@ -3,19 +3,33 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.raylib-installed
+# the exact versions the suite passed with (see README "Installing"): set-up and CI install them
+LOCK   := requirements.lock
 # torch first and pinned: a looser spec would pull a multi-GB CUDA build on CPU machines
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow test-all bench clean
+.PHONY: setup lock demo test test-slow test-all bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install "$(TORCH)"
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install "$(TORCH)" -c $(LOCK)
+	$(BIN)/pip install -e '.[test]' -c $(LOCK)
 	touch $(STAMP)
+
+# move the lock forward: resolve pyproject's loose bounds afresh in a scratch venv (newest
+# versions), freeze them into $(LOCK); then run `make test test-slow` before committing it
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet "$(TORCH)"
+	.lock-venv/bin/pip install --quiet '.[test]'
+	{ echo "# pip constraints: the versions \`make test\` passed with (torch's local tag dropped:"; \
+	  echo "# any 2.13.0 build matches). Regenerate with \`make lock\`; see README \"Installing\"."; \
+	  .lock-venv/bin/pip freeze --exclude-editable | grep -v -i '^raylib[= @]' | sed 's/+[a-z0-9.]*$$//'; } > $(LOCK)
+	rm -rf .lock-venv
 
 demo: setup
 	$(BIN)/raylib demo

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from raylib import data as data_mod
-from raylib import models, storage
+from raylib import models, noise, storage
 from raylib.config import JobConfig
 from raylib.errors import ConfigError, TrainingFailed
 from raylib.experts import EXPERT_FILE
@@ -111,38 +111,20 @@ def connect(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    _drop_known_ray_noise()
+    noise.filter_ray_driver_output()
 
 
-# Lines Ray's own actors print at ERROR level on every healthy run (not failures): they would
-# make a successful run look broken. Only these exact notices are dropped; the log files keep them.
-_RAY_NOISE = (
-    "has constructor arguments in the object store and max_restarts > 0",  # ray-project/ray#53727
-)
+def give_local_worker_the_machine(job: JobConfig) -> None:
+    """`--local`: the one worker gets every CPU of its node (torch runs that many threads;
+    Ray sets OMP_NUM_THREADS from the worker's CPUs) unless the job names
+    `scaling.resources_per_worker`. With the default `{CPU: 1}` a local run used one core:
+    on 2 cores a LoRA job ran at 328 ms/step against 205 ms/step with both."""
+    import ray
 
-
-def _drop_known_ray_noise() -> None:
-    """Filter the driver's copy of worker output (Ray's log-to-driver dispatcher)."""
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:  # Ray moved it: the notices show, nothing else changes
+    if "resources_per_worker" in job.scaling.model_fields_set:
         return
-    with dispatcher._lock:
-        handlers = []
-        for name, handle in dispatcher.handlers:
-            if name == "ray_print_logs":
-                handle = _filtered(handle)
-            handlers.append((name, handle))
-        dispatcher.handlers = handlers
-
-
-def _filtered(handle):
-    def emit(data):
-        lines = [line for line in data.get("lines", []) if not any(n in line for n in _RAY_NOISE)]
-        if lines or not data.get("lines"):
-            handle({**data, "lines": lines})
-
-    return emit
+    cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+    job.scaling.resources_per_worker = {"CPU": max(1.0, float(int(cpus)))}
 
 
 def _use_gpu(setting, num_workers: int) -> bool:
@@ -172,11 +154,13 @@ def train(
     preflight(job, resume=resume)
     out = job.output.dir
     loc = storage.resolve(out)
-    storage.write_text(loc, "job.yaml", yaml.safe_dump(job.to_dict(), sort_keys=False))
 
     from raylib.tracking import Tracker, write_loss_curve
 
     connect(address)
+    if local:
+        give_local_worker_the_machine(job)
+    storage.write_text(loc, "job.yaml", yaml.safe_dump(job.to_dict(), sort_keys=False))
     sink = ProgressSink.remote()
     trainer = build_trainer(job, storage_path=out, progress_sink=sink)
     started = time.time()

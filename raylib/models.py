@@ -86,7 +86,12 @@ def load_model(model_cfg, device=None, trains_weights: bool = False):
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device}
-    return AutoModelForCausalLM.from_pretrained(model_cfg.path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_cfg.path, **kwargs)
+    if quant is not None and device.type == "cpu" and bnb_packs_cpu_weights():
+        misfits = packed_4bit_misfits(model)  # a worker on another CPU kind than the driver's
+        if misfits:
+            raise packed_4bit_error(misfits)
+    return model
 
 
 def preflight(job) -> None:
@@ -95,6 +100,7 @@ def preflight(job) -> None:
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError("model.path", f"{path!r} has no config.json", "point it at a directory written by save_pretrained")
+        check_4bit_on_cpu(job)
         return
     looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
     if not looks_like_hub_id:
@@ -108,6 +114,97 @@ def preflight(job) -> None:
                 f"{path!r} is not a local directory and HF_HUB_OFFLINE=1 with no cached copy",
                 "download the model first, or unset HF_HUB_OFFLINE",
             )
+
+
+# --------------------------------------------------------------------------- 4-bit on CPU
+
+#: bitsandbytes' CPU path on AVX512-BF16 CPUs packs each 4-bit weight in blocks of this many
+#: output rows (`bitsandbytes.functional._convert_weight_packed_for_cpu`), and asserts
+#: out_features % 32 == 0 and an even in_features the first time a layer runs in eval mode.
+BNB_CPU_PACK_BLOCK = 32
+
+
+def bnb_packs_cpu_weights() -> bool:
+    """Whether bitsandbytes takes its packed 4-bit CPU path on this machine. It decides per
+    CPU, by asking its native library for AVX512-BF16, and so does this."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except Exception:  # bitsandbytes missing or broken: QLoRA.check reports that
+        return False
+    return bool(has_avx512bf16())
+
+
+def packed_4bit_misfits(model, quantizable_only: bool = False) -> list[tuple[str, int, int]]:
+    """(name, out_features, in_features) of the layers the packed CPU kernel would refuse.
+
+    `model` is either a loaded model whose 4-bit layers are `bnb.nn.Linear4bit`, or (with
+    `quantizable_only`) a model on the meta device: then the layers are the ones transformers'
+    bitsandbytes integration would quantize (nn.Linear and GPT-2's Conv1D, minus the output
+    embeddings and the other modules it keeps in full precision)."""
+    import torch.nn as nn
+
+    if quantizable_only:
+        from transformers.pytorch_utils import Conv1D
+        from transformers.quantizers.base import get_keys_to_not_convert
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        skip = get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        layers = []
+        for name, module in model.named_modules():
+            if not should_convert_module(name, skip):
+                continue
+            if isinstance(module, Conv1D):
+                layers.append((name, module.weight.shape[1], module.weight.shape[0]))
+            elif type(module) is nn.Linear:
+                layers.append((name, module.out_features, module.in_features))
+    else:
+        import bitsandbytes as bnb
+
+        layers = [(name, m.out_features, m.in_features) for name, m in model.named_modules()
+                  if isinstance(m, bnb.nn.Linear4bit)]
+    return [(n, o, i) for n, o, i in layers if o % BNB_CPU_PACK_BLOCK or i % 2]
+
+
+def packed_4bit_error(misfits: list[tuple[str, int, int]]) -> ConfigError:
+    name, out_f, in_f = misfits[0]
+    more = f" (and {len(misfits) - 1} more)" if len(misfits) > 1 else ""
+    return ConfigError(
+        "model.quantization",
+        f"bitsandbytes' 4-bit kernel on this CPU (AVX512-BF16) packs weights in blocks of "
+        f"{BNB_CPU_PACK_BLOCK} output features and needs an even input size, but {name} is "
+        f"{out_f} x {in_f} (out x in){more}",
+        f"train on a GPU (scaling.use_gpu: true), use a model whose layer sizes are multiples of "
+        f"{BNB_CPU_PACK_BLOCK}, or use method.name: lora without quantization",
+    )
+
+
+def check_4bit_on_cpu(job) -> None:
+    """Driver-side, before Ray starts: a 4-bit job that will run on this CPU kind must fit
+    the packed kernel's shapes. The layers come from the model's config on the meta device
+    (no weights are read). Jobs that ask for a GPU, and CPUs where bitsandbytes does not
+    pack, have no such constraint."""
+    if job.model.quantization not in ("nf4", "fp4") or job.scaling.use_gpu is True:
+        return
+    if not os.path.isfile(os.path.join(job.model.path, "config.json")) or not bnb_packs_cpu_weights():
+        return
+    import torch
+
+    if job.scaling.use_gpu == "auto" and torch.cuda.is_available():
+        return
+    misfits = packed_4bit_misfits(meta_model(job.model), quantizable_only=True)
+    if misfits:
+        raise packed_4bit_error(misfits)
+
+
+def meta_model(model_cfg):
+    """The base model's module tree on the meta device, from its config alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_cfg.path, revision=model_cfg.revision,
+                                        trust_remote_code=model_cfg.trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -129,7 +226,7 @@ TINY_RECIPE = 1  # bump when the tokenizer corpus or pretraining recipe changes 
 TINY_DEFAULTS = dict(
     vocab_size=512,
     hidden_size=64,
-    intermediate_size=176,
+    intermediate_size=192,  # every layer a multiple of 32: bitsandbytes' packed 4-bit CPU kernel
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,

@@ -29,6 +29,17 @@ class ProgressSink:
         return events
 
 
+def _workers(e: dict) -> str:
+    """'; 2 workers on cpu, 1 torch thread each' (from the start event, when it says)."""
+    if "device" not in e:
+        return ""
+    n, threads = e.get("world_size", 1), e.get("torch_threads")
+    text = f"; {n} worker{'s' if n != 1 else ''} on {e['device']}"
+    if threads:
+        text += f", {threads} torch thread{'s' if threads != 1 else ''}" + (" each" if n != 1 else "")
+    return text
+
+
 class ProgressPrinter:
     def __init__(self, sink, metrics_path: str | None, enabled: bool = True, stream=None, listeners=()):
         self.sink, self.metrics_path, self.enabled = sink, metrics_path, enabled
@@ -84,6 +95,7 @@ class ProgressPrinter:
                 self._write(
                     f"training: {e['trainable_params']:,} trainable / {e['total_params']:,} params; "
                     f"data: {e['data']}; {e['total_steps']} steps{resumed}; eval loss before: {before}"
+                    f"{_workers(e)}"
                 )
         elif kind == "step":
             self.last_step = e

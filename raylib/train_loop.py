@@ -16,7 +16,6 @@ import os
 import statistics
 import tempfile
 import time
-import warnings
 from typing import Any
 
 from raylib import backends, checkpointing, models
@@ -177,6 +176,7 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
         "worker_node_ids": ",".join(node_ids),
         "num_nodes": len(set(node_ids)),
         "device": device_type,
+        "torch_threads": torch.get_num_threads(),
         "mixed_precision": str(accelerator.mixed_precision),
         **prepared.report.as_metrics(),
     }
@@ -184,6 +184,7 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
         "type": "start", "total_steps": total_steps, "step": state.step, "trainable_params": trainable,
         "total_params": total, "eval_loss_before": state.eval_loss_before, "data": prepared.report.summary(),
         "resumed_from": resume_dir, "pid": os.getpid(), "node_ids": node_ids,
+        "world_size": world, "device": device_type, "torch_threads": torch.get_num_threads(),
     })
 
     checkpoint_every = job.train.checkpoint_every
@@ -353,7 +354,6 @@ def _quiet_libraries() -> None:
         ours.addHandler(handler)
         ours.setLevel(logging.INFO)
         ours.propagate = False
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     try:  # Ray Train logs every report at INFO under a logger named by its file path
         from ray.train.v2._internal.execution import context as ray_context
 

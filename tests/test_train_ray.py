@@ -8,7 +8,8 @@ import threading
 import time
 
 import pytest
-from helpers import job_dict, run_python
+import yaml
+from helpers import job_dict, run_cli, run_python, stray_stderr, write_job
 
 from raylib import launch
 from raylib.config import validate_job
@@ -115,6 +116,10 @@ def test_full_finetune_local_mode_generates(ray_session, tiny_model, demo_data, 
                                 scaling={"num_workers": 2}, train={"max_steps": 6, "lr": 5e-4, "checkpoint_every": 0}))
     result = launch.train(job, local=True, show_progress=False)  # --local: one worker
     assert result.metrics["world_size"] == 1
+    # ... with every CPU of the node (ray_session has 2), as torch threads
+    assert result.metrics["torch_threads"] == 2
+    with open(os.path.join(out, "job.yaml")) as f:
+        assert yaml.safe_load(f)["scaling"]["resources_per_worker"] == {"CPU": 2.0}
     assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"]
     assert result.metrics["trainable_params"] == result.metrics["total_params"]
     proc = run_python(f"""
@@ -127,3 +132,16 @@ print(repr(tok.decode(out[0, ids.shape[1]:])))
 """)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(proc.stdout.strip()) > 2
+
+
+def test_local_cli_run_reports_its_threads_and_keeps_named_resources(tiny_model, demo_data, tmp_path):
+    """`raylib train --local` with resources the job names: they are kept, and the start
+    line says what the worker got; a successful run's stderr is progress only."""
+    job = write_job(tmp_path / "job.yaml", job_dict(
+        tiny_model, demo_data, str(tmp_path / "run"), scaling={"resources_per_worker": {"CPU": 1}},
+        train={"max_steps": 2, "checkpoint_every": 0}))
+    proc = run_cli("train", job, "--local", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    start = [line for line in proc.stderr.splitlines() if line.startswith("training:")]
+    assert len(start) == 1 and start[0].endswith("; 1 worker on cpu, 1 torch thread"), proc.stderr[-3000:]
+    assert stray_stderr(proc.stderr) == [], proc.stderr[-3000:]

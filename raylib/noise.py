@@ -1,0 +1,107 @@
+"""Known third-party noise, named in one place and silenced at its source.
+
+raylib's stderr carries raylib's own progress, its warnings and, when a user can fix
+something, one `error:` line. A few libraries print notices on healthy runs that a user
+cannot act on, and some only on some CPUs. Each one is listed here with the reason it is
+noise, and it is filtered on the logger, warning or Ray stream that emits it. What raylib
+prints is never loosened to hide them, and anything else on those loggers still shows.
+
+`install()` runs when the `raylib` package is imported. So the CLI, `ray job submit`
+entrypoints, Ray Train workers, Tune trials and Serve replicas are all covered: each imports
+raylib (unpickling the worker function does) before the libraries load. It is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import NamedTuple
+
+
+class LogNoise(NamedTuple):
+    logger: str  # the emitting module's logger (its __name__)
+    starts_with: str  # the record's message (format string) starts with this
+    why: str
+
+
+#: log records dropped at the logger that emits them
+LOG_NOISE: tuple[LogNoise, ...] = (
+    LogNoise(
+        "bitsandbytes.backends.cpu.ops",
+        "Failed to load CPU gemm_4bit_forward from kernels-community",
+        "bitsandbytes >= 0.49 on CPUs with AVX512-BF16 tries the optional `kernels` package, which "
+        "downloads a kernel from the model hub. Without it, bnb uses its own CPU kernel and the "
+        "run is unaffected. The notice prints on every import, in every process.",
+    ),
+)
+
+#: Python warnings (message regex) ignored process-wide
+WARNING_NOISE: tuple[tuple[str, str], ...] = (
+    (".*is_gradient_checkpointing.*",
+     "a transformers 5 deprecation (FutureWarning) that PEFT's PeftModel and TRL trigger when they "
+     "read the old property name; nothing in raylib's jobs can change it"),
+)
+
+#: lines of Ray actors' output that the driver drops from its log-to-driver stream
+RAY_DRIVER_NOISE: tuple[tuple[str, str], ...] = (
+    ("has constructor arguments in the object store and max_restarts > 0",
+     "printed at ERROR level by Ray's own actors on every healthy run (ray-project/ray#53727)"),
+)
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+_installed = False
+
+
+def install() -> None:
+    """Attach the filters. The loggers are created here, before their libraries import,
+    so the first record is already filtered."""
+    global _installed
+    if _installed:
+        return
+    by_logger: dict[str, list[str]] = {}
+    for entry in LOG_NOISE:
+        by_logger.setdefault(entry.logger, []).append(entry.starts_with)
+    for name, prefixes in by_logger.items():
+        logging.getLogger(name).addFilter(_DropRecords(tuple(prefixes)))
+    for pattern, _why in WARNING_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    _installed = True
+
+
+def is_ray_driver_noise(line: str) -> bool:
+    return any(text in line for text, _why in RAY_DRIVER_NOISE)
+
+
+def filter_ray_driver_output() -> None:
+    """Drop RAY_DRIVER_NOISE from the driver's copy of worker output (Ray's log-to-driver
+    dispatcher), after `ray.init`. Ray's log files keep every line."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # Ray moved it: the notices show, nothing else changes
+        return
+    with dispatcher._lock:
+        handlers = []
+        for name, handle in dispatcher.handlers:
+            if name == "ray_print_logs" and not getattr(handle, "raylib_filtered", False):
+                handle = _filtered(handle)
+            handlers.append((name, handle))
+        dispatcher.handlers = handlers
+
+
+def _filtered(handle):
+    def emit(data):
+        lines = [line for line in data.get("lines", []) if not is_ray_driver_noise(line)]
+        if lines or not data.get("lines"):
+            handle({**data, "lines": lines})
+
+    emit.raylib_filtered = True
+    return emit
