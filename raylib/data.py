@@ -10,12 +10,16 @@
   (first-fit-decreasing). Each example keeps its own position ids, and transformers builds a
   block-diagonal causal mask from them, so packed examples never attend to each other.
 - Bad rows (missing fields, empty text) are counted by reason and reported; a source with
-  no usable rows is a DataError before any Ray resources are spent.
+  no usable rows is a DataError before any Ray resources are spent. So is a file `datasets`
+  cannot parse, and for JSON/JSONL/CSV the error names the first line that breaks it.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
+import json
+import logging
 import os
 import random
 from collections import Counter
@@ -86,11 +90,122 @@ def load_rows(source: str, field_name: str = "data.train"):
         builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
         if builder is None:
             raise DataError(field_name, f"unsupported file type .{ext}", "use .jsonl, .json, .csv or .parquet")
-        return datasets.load_dataset(builder, data_files=source, split="train")
+        with _quiet_builder_errors():
+            return datasets.load_dataset(builder, data_files=source, split="train")
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable data
-        raise DataError(field_name, f"cannot read {source!r}: {type(exc).__name__}: {exc}".replace("\n", " ")) from exc
+        located = _locate_problem(source, field_name) if os.path.isfile(source) else None
+        if located is not None:
+            raise located from exc
+        cause = _root_cause(exc)  # DatasetGenerationError only says "An error occurred while generating the dataset"
+        problem = f"cannot read {source!r}: {type(cause).__name__}: {cause}".replace("\n", " ").strip()
+        raise DataError(field_name, problem) from exc
+
+
+@contextlib.contextmanager
+def _quiet_builder_errors():
+    """datasets' json and csv builders log an ERROR line before they raise. The DataError we
+    raise instead says more (the file and line), and the CLI prints an error as one line."""
+    loggers = [logging.getLogger(f"datasets.packaged_modules.{m}.{m}") for m in ("json", "csv")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def _locate_problem(path: str, field_name: str) -> DataError | None:
+    """After `datasets` failed to read a JSON/JSONL/CSV file: the first line that breaks it, as
+    a DataError naming the file and line (None when no such line is found, e.g. the failure
+    is not a syntax error). One plain pass over the file, paid only when reading failed."""
+    ext = path.rsplit(".", 1)[-1].lower()
+    if ext in ("json", "jsonl"):
+        return _json_problem(path, field_name, lines=ext == "jsonl" or _first_line_is_an_object(path))
+    if ext == "csv":
+        return _csv_problem(path, field_name)
+    return None
+
+
+_JSON_KINDS = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def _json_message(exc: json.JSONDecodeError) -> str:
+    """json's message without its own line/column for the one-line parse ("line 1 column 30")."""
+    return f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
+
+
+def _first_line_is_an_object(path: str) -> bool:
+    """A .json file `datasets` reads either as JSON Lines or as one document: JSON Lines when
+    its first non-blank line is a complete JSON object on its own."""
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    return isinstance(json.loads(raw), dict)
+                except ValueError:
+                    return False
+    return False
+
+
+def _json_problem(path: str, field_name: str, lines: bool) -> DataError | None:
+    # undecodable bytes are replaced, not reported: the JSON Lines reader tolerates them, and
+    # in a document pandas' own UnicodeDecodeError (the fallback message) says where they are
+    with open(path, "rb") as f:
+        if not lines:  # one document: json's own line and column
+            try:
+                json.loads(f.read().decode("utf-8", errors="replace"))
+            except json.JSONDecodeError as exc:
+                return DataError(field_name, f"{path!r} line {exc.lineno}: invalid JSON ({_json_message(exc)})",
+                                 "repair the JSON at that position")
+            return None
+        fix = "each line of a JSON Lines file is one complete JSON object: repair or delete that line"
+        for n, raw in enumerate(f, 1):
+            text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            if not text.strip():  # blank lines are skipped by the reader too
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                return DataError(field_name, f"{path!r} line {n}: invalid JSON ({_json_message(exc)})", fix)
+            if not isinstance(value, dict):
+                kind = _JSON_KINDS.get(type(value), type(value).__name__)
+                return DataError(field_name, f"{path!r} line {n}: a JSON {kind}, not an object", fix)
+    return None
+
+
+def _csv_problem(path: str, field_name: str) -> DataError | None:
+    """The two ways pandas' CSV parser fails on a row: more fields than the header, and a
+    quoted field never closed (which swallows the rest of the file). Line numbers count the
+    header as line 1, like an editor."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f, strict=True)
+        header, start = None, 1
+        try:
+            for record in reader:
+                if header is None:
+                    header = record or None
+                elif len(record) > len(header):
+                    return DataError(field_name, f"{path!r} line {start}: {len(record)} fields, the header has "
+                                     f"{len(header)}", 'put a field that contains a comma in double quotes ("a, b")')
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            if str(exc) == "unexpected end of data":  # strict: EOF inside a quoted field
+                return DataError(field_name, f"{path!r} line {start}: a quoted field opened on this line is never "
+                                 "closed", 'close it with " (a quote inside a quoted field is written "")')
+    return None
 
 
 # --------------------------------------------------------------------------- rows -> examples

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import job_dict, run_cli, write_job
 
 from raylib import data
 from raylib.config import validate_job
@@ -78,6 +79,69 @@ def test_csv_and_parquet_sources(tmp_path):
     with pytest.raises(DataError, match="unsupported file type .txt"):
         (tmp_path / "d.txt").write_text("x")
         data.preflight(_job(tmp_path, str(tmp_path / "d.txt")))
+
+
+def _rows(n: int) -> list[str]:
+    return [json.dumps({"instruction": f"What is {i} + 1?", "input": "", "output": str(i + 1)}) for i in range(n)]
+
+
+def _corrupt(tmp_path, kind: str) -> str:
+    """A 40-row source whose row 21 is broken the way a cut-off download or an unquoted comma breaks it."""
+    lines = _rows(40)
+    if kind == "jsonl":
+        lines[20] = lines[20][:30]  # cut off inside the instruction: {"instruction": "What is 20 + 
+        text = "\n".join(lines) + "\n"
+    elif kind == "json":  # one document: "[" is line 1, row 21 is line 22
+        lines[20] = lines[20][:30]
+        text = "[\n" + ",\n".join(lines) + "\n]\n"
+    else:
+        csv_rows = ["instruction,input,output"] + [f"What is {i} + 1?,,{i + 1}" for i in range(40)]
+        csv_rows[21] = "What is 20, plus 1?,,21"  # an unquoted comma: 4 fields, line 22 of the file
+        text = "\n".join(csv_rows) + "\n"
+    path = tmp_path / f"corrupt.{kind}"
+    path.write_text(text)
+    return str(path)
+
+
+# The CLI runs with RAY_ADDRESS at a closed port: had it tried to reach Ray, it would fail
+# with a connection error instead of the data error asserted (as in test_config.py).
+NO_RAY = {"RAY_ADDRESS": "127.0.0.1:1"}
+
+
+@pytest.mark.parametrize("command, kind, where", [("validate", "jsonl", "line 21: invalid JSON (Unterminated string"),
+                                                  ("train", "csv", "line 22: 4 fields, the header has 3")])
+def test_cli_names_the_corrupt_line(tiny_model, tmp_path, command, kind, where):
+    """Before: `error: data.train: cannot read ...: DatasetGenerationError: An error occurred
+    while generating the dataset`, after an ERROR log line from datasets."""
+    source = _corrupt(tmp_path, kind)
+    job = job_dict(tiny_model, {"train": source, "eval": None}, str(tmp_path / "out"))
+    proc = run_cli(command, write_job(tmp_path / "job.yaml", job), env=NO_RAY, timeout=180)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: data.train: {source!r} {where}"), lines
+    assert "(fix: " in lines[0]
+
+
+def test_corrupt_sources_name_their_line(tmp_path):
+    cases = [
+        (_corrupt(tmp_path, "json"), "line 22: invalid JSON (Invalid control character at column 32)"),
+        (_corrupt(tmp_path, "jsonl"), "line 21: invalid JSON (Unterminated string starting at column 17)"),
+    ]
+    lines = _rows(8)
+    lines[5] = "[1, 2]"
+    (tmp_path / "array.jsonl").write_text("\n".join(lines))
+    cases.append((str(tmp_path / "array.jsonl"), "line 6: a JSON array, not an object"))
+    quote = tmp_path / "quote.csv"
+    quote.write_text("instruction,input,output\nWhat is 1 + 1?,,2\n\"What is 2 + 2?,,4\nWhat is 3 + 3?,,6\n")
+    cases.append((str(quote), "line 3: a quoted field opened on this line is never closed"))
+    for source, where in cases:
+        with pytest.raises(DataError) as err:
+            data.preflight(_job(tmp_path, source))
+        assert str(err.value).startswith(f"data.train: {source!r} {where}"), str(err.value)
+    # a source that reads fine is untouched by the scan: blank lines and CRLF are valid JSON Lines
+    ok = tmp_path / "ok.jsonl"
+    ok.write_bytes(("\r\n".join(_rows(3)) + "\r\n\r\n").encode())
+    assert data.preflight(_job(tmp_path, str(ok))).rows == 3
 
 
 def test_chat_template_masks_the_user_turn(tok, tmp_path):

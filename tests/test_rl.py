@@ -10,6 +10,7 @@ import torch
 from helpers import job_dict
 
 from raylib.config import validate_job
+from raylib.data import ALPACA
 from raylib.errors import ConfigError
 from raylib.methods import svf
 from raylib.objectives import rewards, rl
@@ -53,12 +54,12 @@ def test_a_raising_reward_names_the_function():
         rewards.score(rewards.resolve("tests.rl_rewards:explode"), "tests.rl_rewards:explode", ["1"], [{"output": "1"}])
 
 
-def _rl_job(tiny_model, tmp_path, name, **train):
+def _rl_job(tiny_model, tmp_path, name, objective=None, **train):
     data = write_dataset(str(tmp_path / "data"), 200, 32, ["comparison"])
     return validate_job(job_dict(
         tiny_model, data, str(tmp_path / "o"), method={"name": "svf", "targets": "all-linear", "cache_dir": str(tmp_path / "c")},
         objective={"name": name, "reward": "tests.rl_rewards:is_number", "num_samples": 4, "max_new_tokens": 8,
-                   "kl_coef": 0.01, "eval_rows": 32},
+                   "kl_coef": 0.01, "eval_rows": 32, **(objective or {})},
         train={"lr": 0.02, "batch_size": 8, "checkpoint_every": 0, "lr_scheduler": "constant", **train},
     ))
 
@@ -92,6 +93,75 @@ def test_ppo_resume_matches_an_uninterrupted_run(tiny_model, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
     assert any((v - 1).abs().max() > 1e-4 for v in a.values())
+
+
+def _fixed_rollouts(policy, job, n_prompts: int) -> list[rl.MicroBatch]:
+    """Hand-made rollouts, one micro-batch per prompt pair: the same prompts, completions and
+    rewards whatever runs them. Completion lengths differ between micro-batches (so a per
+    micro-batch mean length or baseline would show) and rewards vary inside every group."""
+    tok, k = policy.tokenizer, job.objective.num_samples
+    rows = rl.load_rows(job, "train")[:n_prompts]
+    answers = ["12", "seven", "the answer is 42", "-3", "9 9 9 9 9 9", "x", "1000", "no idea at all"]
+    micro = []
+    for start in range(0, n_prompts, 2):
+        pairs, rewards = [], []
+        for i, row in enumerate(rows[start : start + 2]):
+            prompt = tok(ALPACA.prompt(row["instruction"], row["input"]))["input_ids"]
+            for j in range(k):
+                text = answers[(start * k + i * k + j) % len(answers)] * (1 + start)  # longer in later micro-batches
+                pairs.append((prompt, tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]))
+                rewards.append(float((start + i + j) % 3))
+        micro.append(rl.MicroBatch(pairs, rewards))
+    return micro
+
+
+@pytest.mark.parametrize("name, num_samples", [("reinforce", 4), ("reinforce", 1), ("ppo", 2)])
+def test_a_grad_accum_step_equals_one_step_over_the_concatenated_micro_batches(tiny_model, tmp_path, name, num_samples):
+    """grad_accum 2 over micro-batches A and B moves the weights exactly as grad_accum 1 over
+    one batch A+B: one optimizer step per pass (ppo: 2 passes), the same loss scale, and the
+    step-wide baseline and mean length. SGD without clipping: its update is proportional to
+    the gradient, so a gradient scaled by 1/grad_accum (Adam would hide it) shows."""
+    results = []
+    for grad_accum, batch_size in ((2, 2), (1, 4)):
+        job = _rl_job(tiny_model, tmp_path, name, grad_accum=grad_accum, batch_size=batch_size, optimizer="sgd",
+                      lr=0.5, max_grad_norm=None, objective={"num_samples": num_samples})
+        policy = rl.build_policy(job, "cpu")
+        before = {n: p.detach().clone() for n, p in policy.unwrapped.named_parameters() if p.requires_grad}
+        micro = _fixed_rollouts(policy, job, 4)
+        if grad_accum == 1:  # the same samples in one batch
+            micro = [rl.MicroBatch([p for m in micro for p in m.pairs], [r for m in micro for r in m.rewards])]
+        out = rl.update(policy, micro, job)
+        after = {n: p.detach().clone() for n, p in policy.unwrapped.named_parameters() if p.requires_grad}
+        results.append((before, after, out))
+    (before, accumulated, out2), (before1, whole, out1) = results
+    assert accumulated.keys() == whole.keys() and len(whole) > 0
+    moved = max((whole[k] - before[k]).abs().max().item() for k in whole)
+    assert moved > 1e-3, "the step must move the weights well beyond the tolerance"
+    for k in whole:
+        torch.testing.assert_close(before[k], before1[k], atol=0, rtol=0)
+        torch.testing.assert_close(accumulated[k], whole[k], atol=1e-6, rtol=1e-5)
+    assert out2["loss"] == pytest.approx(out1["loss"], rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(out2["kl"], out1["kl"], atol=1e-6, rtol=1e-5)
+
+
+def test_grad_accum_counts_steps_like_sft(tiny_model, tmp_path):
+    """An epoch of 20 prompts at batch_size 4 and grad_accum 2 is ceil(5 / 2) = 3 steps, each
+    sampling 2 micro-batches (2 x 4 prompts x 2 samples), with one scheduler step each."""
+    files = write_dataset(str(tmp_path / "data"), 20, 8, ["comparison"])
+    svf_method = {"name": "svf", "targets": "all-linear", "cache_dir": str(tmp_path / "c")}
+    job = validate_job(job_dict(
+        tiny_model, files, str(tmp_path / "o"), method=svf_method,
+        objective={"name": "reinforce", "reward": "tests.rl_rewards:is_number", "num_samples": 2, "max_new_tokens": 4,
+                   "eval_rows": 4},
+        train={"lr": 0.02, "batch_size": 4, "grad_accum": 2, "epochs": 1, "max_steps": None, "checkpoint_every": 0,
+               "lr_scheduler": "linear"},
+    ))
+    assert rl.steps_per_epoch(20, 4, 2) == 3 and rl.steps_per_epoch(3, 4, 2) == 1
+    session = PlainSession(str(tmp_path / "ck"))
+    assert rl.run(job, session)["step"] == 3
+    steps = [e for e in session.events if e["type"] == "step"]
+    assert session.events[0]["total_steps"] == 3 and [e["step"] for e in steps] == [1, 2, 3]
+    assert [e["lr"] for e in steps] == pytest.approx([0.02 * 2 / 3, 0.02 / 3, 0.0])
 
 
 def test_grpo_through_trl_trains_svf_z_and_checkpoints(tiny_model, tmp_path):

@@ -7,12 +7,13 @@ train_state/), so `--resume` and Ray's automatic restore work the same way.
 Data: the rows of `data.train` (instruction/input/output, the `alpaca` or `chat` template)
 are prompts; `output` is the reference the reward function sees (with the whole row).
 
-reinforce / ppo (one loop, shared rollout and reward code), per optimizer step and worker:
-  1. take `train.batch_size` prompts (a deterministic function of the step, so resume is
-     exact), sample `num_samples` completions each (temperature, max_new_tokens);
+reinforce / ppo (one loop, shared rollout and reward code), per training step and worker:
+  1. take `train.grad_accum` micro-batches of `train.batch_size` prompts (a deterministic
+     function of the step, so resume is exact), sample `num_samples` completions each
+     (temperature, max_new_tokens) — `sample_step`;
   2. score them with the reward function;
   3. advantages: reward minus the mean reward of the prompt's own group of samples
-     (with `num_samples: 1`, minus the batch mean) — a group/mean baseline, no value head;
+     (with `num_samples: 1`, minus the step's mean) — a group/mean baseline, no value head;
      `normalize: true` also divides by the group's std (GRPO-style);
   4. KL to the frozen base model: per-token k3 estimator exp(b−p)−(b−p)−1 on the sampled
      tokens, with log-probs b from the base = the same network with z = 1 for SVF, PEFT
@@ -20,6 +21,10 @@ reinforce / ppo (one loop, shared rollout and reward code), per optimizer step a
   5. reinforce: loss = −mean_seq(A·Σ_t log π(y_t)) / mean completion length + kl_coef·KL;
      ppo: log-probs of the sampling policy are kept, then `ppo_epochs` passes of the
      clipped objective −mean_t min(ρ_t·A, clip(ρ_t, 1−ε, 1+ε)·A) + kl_coef·KL.
+     Steps 3–5 are `update`: each pass accumulates the gradient over the step's micro-batches
+     and makes one optimizer step, so `grad_accum` means what it means for SFT: a step's
+     batch is batch_size × grad_accum prompts per worker, and an epoch is as many steps as
+     SFT counts (`steps_per_epoch`).
 Evaluation: mean reward of greedy answers on `data.eval` (`eval_rows` of them).
 """
 
@@ -32,6 +37,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
@@ -185,6 +191,139 @@ def eval_reward(model, tokenizer, rows, job, reward_fn, rank, world, device, red
 # --------------------------------------------------------------------------- reinforce / ppo
 
 
+@dataclass
+class Policy:
+    """What one worker trains in the reinforce/ppo loop. `model` is the accelerator-prepared
+    model (DDP) the loss goes through; `unwrapped` is the same module for sampling, no-grad
+    log-probs and checkpoints; `frozen` is the reference copy (full fine-tuning only)."""
+
+    accelerator: Any
+    model: Any
+    unwrapped: Any
+    optimizer: Any
+    tokenizer: Any
+    method: Any
+    frozen: Any = None
+
+
+@dataclass
+class MicroBatch:
+    """The sampled completions of one micro-batch of prompts and their rewards: what the
+    update needs, apart from the policy (so a test can feed fixed rollouts)."""
+
+    pairs: list[tuple[list[int], list[int]]]  # (prompt ids, completion ids), one per sample
+    rewards: list[float]
+
+
+def steps_per_epoch(n_prompts: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one pass over `n_prompts`, counted as SFT counts them: batches of
+    `batch_size`, one optimizer step per `grad_accum` of them."""
+    return max(1, math.ceil(math.ceil(n_prompts / batch_size) / grad_accum))
+
+
+def build_policy(job, device_type: str) -> Policy:
+    """Accelerator, tokenizer, model with the method applied, optimizer, prepared together.
+    Seeded first, so every rank (and a rerun) starts from the same trainable weights."""
+    import torch
+
+    from raylib import backends, models
+    from raylib.methods import get_method
+
+    torch.manual_seed(job.train.seed)
+    accelerator = backends.make_accelerator(job, device_type)
+    tokenizer = models.load_tokenizer(job.model)
+    method = get_method(job.method.name)
+    model = models.load_model(job.model, accelerator.device, trains_weights=method.trains_base_weights)
+    model.config.use_cache = False
+    model = method.apply(model, job)
+    frozen = copy.deepcopy(model).requires_grad_(False).eval() if job.method.name == "full" else None
+    optimizer = backends.build_optimizer(model, job.train)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return Policy(accelerator, model, accelerator.unwrap_model(model), optimizer, tokenizer, method, frozen)
+
+
+def sample_step(policy: Policy, shard: list[dict], job, step: int, rank: int, reward_fn) -> list[MicroBatch]:
+    """The rollouts of one training step: `train.grad_accum` micro-batches of `train.batch_size`
+    prompts each, `num_samples` completions per prompt, scored. The prompts and sampling seeds
+    are a function of (seed, step, rank) only, so a resumed run samples what the uninterrupted
+    one did. Each micro-batch draws its prompts without replacement on its own (micro-batches
+    of one step may share a prompt), so all have the same size."""
+    from raylib.objectives.rewards import score
+
+    obj = job.objective
+    rng = random.Random(job.train.seed * 1_000_003 + step * 7919 + rank)
+    out = []
+    for _ in range(job.train.grad_accum):
+        prompts = rng.sample(shard, min(job.train.batch_size, len(shard)))
+        texts, pairs, sample_rows = rollout(policy.unwrapped, policy.tokenizer, prompts, job, rng.randrange(2**31))
+        out.append(MicroBatch(pairs, score(reward_fn, obj.reward, texts, sample_rows)))
+    return out
+
+
+def update(policy: Policy, micro_batches: list[MicroBatch], job) -> dict[str, Any]:
+    """The policy update of one training step from its rollouts.
+
+    reinforce makes one optimizer step, ppo `ppo_epochs` of them; each accumulates gradients
+    over all `micro_batches` (exactly `train.grad_accum` of them) under
+    `accelerator.accumulate`, so the optimizer steps once per pass, as in SFT. Everything that
+    spans samples is computed over the whole step, not per micro-batch: the advantages'
+    baseline (the batch mean when `num_samples` is 1), reinforce's mean completion length, and
+    the mean over sequences. So grad_accum micro-batches give the gradient one batch of all
+    their samples would give — they only bound the memory of a forward/backward.
+    Returns the last pass's mean loss and its per-sample KL (a tensor).
+    """
+    import torch
+
+    obj, accelerator, model = job.objective, policy.accelerator, policy.model
+    if len(micro_batches) != accelerator.gradient_accumulation_steps:
+        raise ValueError(f"{len(micro_batches)} micro-batches for gradient_accumulation_steps="
+                         f"{accelerator.gradient_accumulation_steps}: the optimizer would not step at the end")
+    device = accelerator.device
+    rewards = [r for mb in micro_batches for r in mb.rewards]
+    adv_all = advantages(rewards, obj.num_samples, obj.normalize).to(device)
+    n_samples = len(rewards)
+
+    # no-grad pieces, before any optimizer step: reference log-probs, ppo's sampling-policy log-probs
+    parts, offset = [], 0
+    for mb in micro_batches:
+        ids, attn, mask = pad_batch(mb.pairs, policy.tokenizer.pad_token_id, device)
+        with torch.no_grad():
+            with reference(policy.unwrapped, policy.frozen) as ref_model:
+                ref_lp = token_logps(ref_model, ids, attn)
+            old_lp = token_logps(policy.unwrapped, ids, attn) if obj.name == "ppo" else None
+        adv = adv_all[offset : offset + len(mb.rewards)]
+        offset += len(mb.rewards)
+        parts.append((ids, attn, mask, mask.sum(1).clamp(min=1), adv, ref_lp, old_lp))
+    mean_len = torch.cat([p[3] for p in parts]).float().mean()
+    # accelerator.backward divides every micro-batch's loss by grad_accum: scaling a sum over
+    # sequences by grad_accum / n_samples makes the accumulated gradient that of the step's mean
+    weight = accelerator.gradient_accumulation_steps / n_samples
+
+    model.train()
+    for _ in range(obj.ppo_epochs if obj.name == "ppo" else 1):
+        loss_sum, kls = 0.0, []
+        for ids, attn, mask, n_tok, adv, ref_lp, old_lp in parts:
+            with accelerator.accumulate(model):
+                lp = token_logps(model, ids, attn)
+                delta = (ref_lp - lp).clamp(-20, 20)
+                kl = ((delta.exp() - delta - 1) * mask).sum(1) / n_tok
+                if obj.name == "ppo":
+                    ratio = (lp - old_lp).exp()
+                    surr = torch.minimum(ratio * adv[:, None], ratio.clamp(1 - obj.clip, 1 + obj.clip) * adv[:, None])
+                    pg = -((surr * mask).sum(1) / n_tok)
+                else:
+                    pg = -(adv * (lp * mask).sum(1)) / mean_len
+                per_seq = pg + obj.kl_coef * kl
+                accelerator.backward(per_seq.sum() * weight)
+                if accelerator.sync_gradients and job.train.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
+                policy.optimizer.step()  # step and zero_grad are no-ops until the last micro-batch
+                policy.optimizer.zero_grad()
+            loss_sum += per_seq.detach().sum().item()
+            kls.append(kl.detach())
+    return {"loss": loss_sum / n_samples, "kl": torch.cat(kls)}
+
+
 def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     """The RL loop for `reinforce` and `ppo` (and the entry that hands `grpo` to TRL)."""
     if job.objective.name == "grpo":
@@ -192,10 +331,9 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     import torch
     from transformers import get_scheduler
 
-    from raylib import backends, checkpointing, models
+    from raylib import checkpointing, models
     from raylib.checkpointing import TrainState
-    from raylib.methods import get_method
-    from raylib.objectives.rewards import resolve, score
+    from raylib.objectives.rewards import resolve
     from raylib.train_loop import _checkpoint, _quiet_libraries, steady_step_time
 
     obj = job.objective
@@ -203,30 +341,18 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _quiet_libraries()
-    torch.manual_seed(job.train.seed)
-    accelerator = backends.make_accelerator(job, device_type)
+    policy = build_policy(job, device_type)
+    accelerator, method, tokenizer, unwrapped = policy.accelerator, policy.method, policy.tokenizer, policy.unwrapped
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     reward_fn = resolve(obj.reward)
-
-    tokenizer = models.load_tokenizer(job.model)
-    method = get_method(job.method.name)
-    model = models.load_model(job.model, device, trains_weights=method.trains_base_weights)
-    model.config.use_cache = False
-    model = method.apply(model, job)
-    frozen = None
-    if job.method.name == "full":
-        frozen = copy.deepcopy(model).requires_grad_(False).eval()
-    trainable, total = models.count_parameters(model)
+    trainable, total = models.count_parameters(unwrapped)
 
     rows = load_rows(job, "train")
     eval_rows = load_rows(job, "eval")
     shard = rows[rank::world] or rows
-    optimizer = backends.build_optimizer(model, job.train)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    steps_per_epoch = max(1, math.ceil(len(shard) / job.train.batch_size))
-    total_steps = job.train.max_steps or steps_per_epoch * job.train.epochs
-    scheduler = get_scheduler(job.train.lr_scheduler, optimizer,
+    epoch_steps = steps_per_epoch(len(shard), job.train.batch_size, job.train.grad_accum)
+    total_steps = job.train.max_steps or epoch_steps * job.train.epochs
+    scheduler = get_scheduler(job.train.lr_scheduler, policy.optimizer,
                               num_warmup_steps=int(job.train.warmup_ratio * total_steps), num_training_steps=total_steps)
     reduce_sum = lambda t: accelerator.reduce(t, reduction="sum")  # noqa: E731
 
@@ -235,7 +361,8 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
 
     resume_dir = session.latest_checkpoint_dir()
     if resume_dir:
-        state = checkpointing.restore(resume_dir, method=method, model=unwrapped, optimizer=optimizer, scheduler=scheduler)
+        state = checkpointing.restore(resume_dir, method=method, model=unwrapped, optimizer=policy.optimizer,
+                                      scheduler=scheduler)
     else:
         state = TrainState()
         state.history.append({"step": 0, **evaluate()})
@@ -252,42 +379,17 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
 
     while state.step < total_steps:
         t0 = time.perf_counter()
-        rng = random.Random(job.train.seed * 1_000_003 + state.step * 7919 + rank)
-        batch = rng.sample(shard, min(job.train.batch_size, len(shard)))
-        texts, pairs, sample_rows = rollout(unwrapped, tokenizer, batch, job, rng.randrange(2**31))
-        rewards = score(reward_fn, obj.reward, texts, sample_rows)
-        adv = advantages(rewards, obj.num_samples, obj.normalize).to(device)
-        ids, attn, mask = pad_batch(pairs, tokenizer.pad_token_id, device)
-        n_tok = mask.sum(1).clamp(min=1)
-        with torch.no_grad():
-            with reference(unwrapped, frozen) as ref_model:
-                ref_lp = token_logps(ref_model, ids, attn)
-            old_lp = token_logps(unwrapped, ids, attn) if obj.name == "ppo" else None
-        passes = obj.ppo_epochs if obj.name == "ppo" else 1
-        model.train()
-        for _ in range(passes):
-            lp = token_logps(model, ids, attn)
-            delta = (ref_lp - lp).clamp(-20, 20)
-            kl = ((delta.exp() - delta - 1) * mask).sum(1) / n_tok
-            if obj.name == "ppo":
-                ratio = (lp - old_lp).exp()
-                surr = torch.minimum(ratio * adv[:, None], ratio.clamp(1 - obj.clip, 1 + obj.clip) * adv[:, None])
-                pg = -((surr * mask).sum(1) / n_tok)
-            else:
-                pg = -(adv * (lp * mask).sum(1)) / n_tok.float().mean()
-            loss = (pg + obj.kl_coef * kl).mean()
-            accelerator.backward(loss)
-            if job.train.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
+        micro_batches = sample_step(policy, shard, job, state.step, rank, reward_fn)
+        result = update(policy, micro_batches, job)
         scheduler.step()
         state.step += 1
         step_times.append(time.perf_counter() - t0)
-        stats = reduce_sum(torch.tensor([sum(rewards), len(rewards), kl.detach().sum().item(), len(kl)],
+        rewards = [r for mb in micro_batches for r in mb.rewards]
+        kl = result["kl"]
+        stats = reduce_sum(torch.tensor([sum(rewards), len(rewards), kl.sum().item(), len(kl)],
                                         dtype=torch.float64, device=device))
         step_metrics = {"reward": stats[0].item() / stats[1].item(), "kl": stats[2].item() / stats[3].item(),
-                        "loss": loss.item()}
+                        "loss": result["loss"]}
         if state.step % job.train.log_every == 0 or state.step == total_steps:
             session.progress({"type": "step", "step": state.step, "total_steps": total_steps, "epoch": 0,
                               "lr": scheduler.get_last_lr()[0], "tokens_per_s": 0.0, **step_metrics})
@@ -304,7 +406,8 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
             if at_end:
                 metrics["step_time_p50"] = steady_step_time(step_times)
             if do_ckpt:
-                _checkpoint(session, job, method, unwrapped, tokenizer, optimizer, scheduler, state, metrics, rank)
+                _checkpoint(session, job, method, unwrapped, tokenizer, policy.optimizer, scheduler, state, metrics,
+                            rank)
                 last_saved = state.step
             else:
                 session.report(metrics, None, None)
@@ -325,6 +428,12 @@ def run_grpo(job, session, use_gpu: bool = False) -> dict[str, Any]:
     checkpoints (expert/ + train_state/) every `train.checkpoint_every` steps and reports them
     to the session. Resume loads the expert weights and optimizer state and runs the
     remaining steps; the LR schedule restarts over those steps (exact with `constant`).
+
+    Batching maps onto TRL's as in our loop: `per_device_train_batch_size` counts completions
+    (batch_size prompts × num_samples) and `gradient_accumulation_steps` = train.grad_accum;
+    TRL then generates one batch of batch_size × grad_accum prompts per optimizer step
+    (its `steps_per_generation` defaults to the accumulation) and normalizes the loss over
+    the accumulated micro-batches itself.
     """
     import tempfile
 
@@ -374,7 +483,8 @@ def run_grpo(job, session, use_gpu: bool = False) -> dict[str, Any]:
             import json
 
             state = TrainState(**json.load(f))
-    total_steps = job.train.max_steps or max(1, math.ceil(len(rows) / job.train.batch_size)) * job.train.epochs
+    epoch_steps = steps_per_epoch(len(rows), job.train.batch_size, job.train.grad_accum)
+    total_steps = job.train.max_steps or epoch_steps * job.train.epochs
     remaining = total_steps - state.step
     if remaining <= 0:
         session.report({"step": state.step}, None, None)
