@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from raylib.errors import DataError
+from raylib.errors import ConfigError, DataError
 
 IGNORE = -100
 
@@ -466,7 +466,47 @@ def preflight(job) -> DataReport:
         eval_report = DataReport()
         if not valid_rows(load_rows(job.data.eval, "data.eval"), job.data, eval_report):
             raise DataError("data.eval", f"{job.data.eval!r} has no usable rows", "fix the file or remove data.eval")
+    if job.objective.name == "sft":  # RL objectives sample their own completions: no max_length cut
+        check_some_example_fits(job, rows)
     return report
+
+
+def check_some_example_fits(job, rows: list[dict], chunk: int = 256) -> None:
+    """At least one training example survives `max_length` (dropped when longer, or truncated
+    to nothing trainable when its prompt alone fills it): else every worker would stop in
+    `prepare` with nothing to train on. The tokenizer and the cut are the workers' own, on the
+    same training rows (the eval split held out), in chunks: a usable dataset stops at its
+    first fitting example; only a failing one is tokenized whole, to say how long it is."""
+    from raylib.models import load_tokenizer
+
+    data_cfg = job.data
+    if not data_cfg.eval:
+        rows, _ = split_rows(rows, data_cfg.eval_split, job.train.seed)
+    try:
+        tokenizer = load_tokenizer(job.model)
+    except Exception as exc:  # the workers would fail the same way, later
+        source = job.model.tokenizer or job.model.path
+        raise ConfigError("model.tokenizer" if job.model.tokenizer else "model.path",
+                          f"cannot load the tokenizer of {source!r}: {' '.join(str(exc).split())[:300]}",
+                          "point model.tokenizer (or model.path) at a directory with the tokenizer files") from exc
+    report = DataReport()
+    shortest = None
+    for start in range(0, len(rows), chunk):
+        examples = tokenize_rows(rows[start:start + chunk], tokenizer, data_cfg)
+        if to_sequences(examples, data_cfg, report, job.train.seed):
+            return
+        need = [len(e.prompt_ids) + (len(e.response_ids) if data_cfg.too_long == "drop" else 1) for e in examples]
+        shortest = min([*need, shortest] if shortest is not None else need)
+    if shortest is None:  # no training rows left after the eval split: the row checks above say why
+        return
+    why = (f"are longer than {data_cfg.max_length} tokens" if data_cfg.too_long == "drop"
+           else f"have a prompt that fills all {data_cfg.max_length} tokens, leaving no answer to train on")
+    raise DataError(
+        "data.max_length",
+        f"no training example fits: all {len(rows)} training rows {why} (the shortest needs {shortest})",
+        f"raise data.max_length to at least {shortest}"
+        + (", or set data.too_long: truncate" if data_cfg.too_long == "drop" else ", or shorten the prompts"),
+    )
 
 
 @dataclass

@@ -84,6 +84,7 @@ def preflight(job: JobConfig, resume: bool = False, probe: bool = True) -> data_
     if probe:  # first: cheap, and the most common mistake on a cluster
         storage.probe(loc)
     models.preflight(job)
+    check_architecture(job)
     report = data_mod.preflight(job)
     if has_run(out) and not resume:
         raise ConfigError(
@@ -94,6 +95,21 @@ def preflight(job: JobConfig, resume: bool = False, probe: bool = True) -> data_
     if resume and not has_run(out):
         raise ConfigError("--resume", f"there is no run to resume in {out!r}", "drop --resume to start a new run")
     return report
+
+
+def check_architecture(job: JobConfig) -> None:
+    """What the method cannot do on this model's architecture, found from its config alone (a
+    meta-device model: no weights): the sequence length against learned position embeddings,
+    then the method's own `check_model` (IA3 defaults, target names, SVF's layer types)."""
+    from raylib.methods import get_method
+    from raylib.methods import layout as layout_mod
+
+    layout = layout_mod.from_job(job)
+    if layout is None:
+        return
+    method = get_method(job.method.name)
+    layout_mod.check_positions(job, layout, method.added_positions(job))
+    method.check_model(job, layout)
 
 
 # --------------------------------------------------------------------------- Ray

@@ -42,6 +42,7 @@ def meta_model(path: str):
 def count(path: str, method: str, targets="all-linear", r: int = 16, layers=None) -> dict:
     """{"trainable", "total", "base", ...} for `method` on the model at `path` (meta device)."""
     from raylib.methods.svf import ATTN_NAMES, MLP_NAMES, svf_param_counts, target_linears
+    from raylib.methods.svf_layers import linear_shape
     from raylib.models import count_parameters
 
     model = meta_model(path)
@@ -49,7 +50,7 @@ def count(path: str, method: str, targets="all-linear", r: int = 16, layers=None
     out = {"model": path, "method": method, "targets": targets, "base": base}
     if method == "svf":
         linears = target_linears(model, targets, layers)
-        shapes = {n: (m.out_features, m.in_features) for n, m in linears.items()}
+        shapes = {n: linear_shape(m) for n, m in linears.items()}
         trainable = svf_param_counts(shapes)
         out.update(
             trainable=trainable,

@@ -4,6 +4,10 @@ A method is a small object with a pydantic `Options` model (its YAML keys, valid
 Ray starts) and four operations the training loop and the serve layer call:
 
 - `check(job)`: extra driver-side validation (e.g. build the PEFT config to catch bad keys);
+- `check_model(job, layout)`: driver-side validation against the base model's architecture
+  (`raylib.methods.layout`: its layers, built from config.json on the meta device), run by
+  `launch.preflight` before Ray starts: what the method cannot do on this architecture is a
+  ConfigError there, not a failed run;
 - `apply(model, job)`: turn a loaded base model into the model to train (freeze, wrap, ...);
 - `save(model, out_dir)`: write the trained weights in an ecosystem format;
 - `load_into(model, src_dir)`: put saved trained weights back into a model built by `apply`
@@ -57,6 +61,14 @@ class Method(ABC):
 
     def check(self, job: "JobConfig") -> None:
         """Driver-side validation beyond the schema. Raise ConfigError."""
+
+    def check_model(self, job: "JobConfig", layout) -> None:
+        """Driver-side validation against the base model's `layout.Layout`. Raise ConfigError."""
+
+    def added_positions(self, job: "JobConfig") -> int:
+        """Positions the method adds in front of every sequence (prompt learning's virtual
+        tokens): they count against a model's learned position embeddings."""
+        return 0
 
     #: False for methods that cannot train on packed sequences (data.packing defaults to off)
     supports_packing: ClassVar[bool] = True

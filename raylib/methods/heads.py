@@ -198,6 +198,14 @@ class Heads(Method):
             except (TypeError, ValueError) as exc:
                 raise ConfigError("method.lora", f"PEFT rejected the options: {exc}", "see peft.LoraConfig") from exc
 
+    def check_model(self, job, layout) -> None:
+        """The backbone LoRA's targets (default q_proj/v_proj) must exist: Phi-3 fuses them into
+        qkv_proj, GPT-2 has c_attn."""
+        if job.method.lora is not None:
+            from raylib.methods.peft_methods import check_targets
+
+            check_targets("method.lora.target_modules", job.method.lora.target_modules, layout)
+
     @staticmethod
     def _lora_config(lo, model=None):
         from peft import LoraConfig

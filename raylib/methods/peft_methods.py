@@ -7,6 +7,7 @@ not name go through `extra:` straight into the PEFT config class.
 
 from __future__ import annotations
 
+import logging
 import os
 from abc import abstractmethod
 from typing import Any, Literal, Union
@@ -65,7 +66,8 @@ class AdaLoraOptions(MethodOptions):
 
 class IA3Options(MethodOptions):
     """(IA)^3 (Liu et al., 2022): learned per-channel scaling vectors. `target_modules: null`
-    uses PEFT's default for the architecture (k, v and the MLP down projection for Llama)."""
+    uses PEFT's default for the architecture (k, v and the MLP down projection for Llama), or
+    raylib's where PEFT has none (every decoder Linear, MLP outputs as feedforward: `IA3`)."""
 
     name: Literal["ia3"]
     target_modules: TargetModules | None = None
@@ -183,6 +185,10 @@ class LoRA(PeftMethod):
         )
 
 
+    def check_model(self, job, layout) -> None:
+        check_targets("method.target_modules", job.method.target_modules, layout)
+
+
 class QLoRA(LoRA):
     """LoRA over a 4-bit NF4 base with paged 8-bit AdamW (Dettmers et al., 2023)."""
 
@@ -257,6 +263,9 @@ class AdaLoRA(PeftMethod):
         if job.train.max_steps is not None:
             check_schedule(o, job.train.max_steps)
         super().check(job)
+
+    def check_model(self, job, layout) -> None:
+        check_targets("method.target_modules", job.method.target_modules, layout)
 
     def begin_training(self, model, total_steps: int) -> None:
         """total_step = the run's optimizer steps (the rank allocator holds this same config)."""
@@ -420,21 +429,40 @@ class _ZeroView:
 
 def resolve_targets(targets, layers_to_transform, model):
     """PEFT refuses `layers_to_transform` with the string "all-linear", so then we expand it
-    ourselves: the leaf names of every Linear inside the decoder layers (never the LM head).
-    Without the model (driver-side check) a stand-in name lets PEFT check the rest."""
+    ourselves: the leaf names of every Linear/Conv1D inside the decoder layers (never the LM
+    head). Without the model (driver-side check) a stand-in name lets PEFT check the rest."""
     if targets != "all-linear" or layers_to_transform is None:
         return targets
     if model is None:
         return ["q_proj"]
-    import re
+    from raylib.methods.layout import of_model
 
-    import torch.nn as nn
-
-    leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-              if isinstance(m, nn.Linear) and re.search(r"\.(?:layers|h|blocks|layer)\.\d+\.", f".{name}.")}
+    leaves = of_model(model).leaves()
     if not leaves:
         raise ValueError("target_modules: all-linear found no Linear layers inside numbered decoder layers")
     return sorted(leaves)
+
+
+def check_targets(field: str, targets, layout) -> None:
+    """Driver side: `targets` (a PEFT target_modules value) must name layers this model has.
+    PEFT itself raises only inside the worker, and only when nothing matched; here a list that
+    matches nothing is a ConfigError listing the model's layers, a partly matching one a warning."""
+    from raylib.errors import ConfigError
+
+    leaves = ", ".join(layout.leaves()) or "none"
+    if targets == "all-linear" or targets is None:
+        if targets == "all-linear" and not layout.layers:
+            raise ConfigError(field, f"this {layout.model_type} model has no Linear/Conv1D layers inside numbered "
+                              "decoder layers for all-linear to adapt", "name the modules to adapt in a list")
+        return
+    missing = layout.unmatched(list(targets))
+    if len(missing) == len(targets):
+        raise ConfigError(field, f"{sorted(missing)} name no module of this {layout.model_type} model "
+                          f"(its decoder layers' Linear/Conv1D layers: {leaves})",
+                          "use names from that list, or all-linear")
+    if missing:
+        logging.getLogger("raylib").warning("%s: %s name no module of this %s model (adapting the others; its "
+                                            "layers: %s)", field, sorted(missing), layout.model_type, leaves)
 
 
 def check_schedule(o, total_steps: int) -> None:
@@ -450,6 +478,14 @@ def check_schedule(o, total_steps: int) -> None:
 
 
 class IA3(PeftMethod):
+    """(IA)^3 through PEFT. `target_modules: null` means PEFT's default for the architecture;
+    PEFT has none for some it can adapt (e.g. Phi-3, whose k and v live in one fused qkv_proj)
+    and raises inside the worker. For those raylib supplies one (`default_targets`): every
+    Linear/Conv1D of the decoder layers, with each MLP's output projection as feedforward (its
+    input scaled: the paper's scaling of the FFN's inner activations). The driver checks that
+    such a default exists and logs it before Ray starts; the worker builds the same from the
+    loaded model."""
+
     name = "ia3"
     Options = IA3Options
 
@@ -461,6 +497,15 @@ class IA3(PeftMethod):
         if o.target_modules is not None:
             kwargs["target_modules"] = o.target_modules
             kwargs["feedforward_modules"] = o.feedforward_modules or []
+        elif model is not None and not has_peft_ia3_default(model.config.model_type):
+            from raylib.methods.layout import of_model
+
+            targets, feedforward = default_targets(of_model(model))
+            kwargs["target_modules"], kwargs["feedforward_modules"] = targets, feedforward
+            logging.getLogger("raylib").info(
+                "ia3: PEFT has no default target modules for model type %r; using every linear layer of the "
+                "decoder layers %s, with %s as feedforward (set method.target_modules to choose)",
+                model.config.model_type, targets, feedforward)
         if o.layers_to_transform is not None:  # IA3Config has no layers_to_transform: a regex does it
             import re
 
@@ -484,6 +529,47 @@ class IA3(PeftMethod):
                 raise ConfigError("method.feedforward_modules", f"{extra} are not in method.target_modules",
                                   "feedforward_modules must be a subset of target_modules")
         super().check(job)
+
+    def check_model(self, job, layout) -> None:
+        """Explicit targets must exist; without them, a default must exist (PEFT's, or raylib's
+        `default_targets`, which the worker then builds and logs)."""
+        from raylib.errors import ConfigError
+
+        o = job.method
+        if o.target_modules is not None:
+            check_targets("method.target_modules", o.target_modules, layout)
+            return
+        if has_peft_ia3_default(layout.model_type):
+            return
+        try:
+            default_targets(layout)
+        except ValueError as exc:
+            raise ConfigError(
+                "method.target_modules",
+                f"PEFT has no IA3 default for model type {layout.model_type!r}, and {exc}",
+                "set method.target_modules (e.g. the attention's key/value projections and the MLP's output "
+                f"projection; this model's layers: {', '.join(layout.leaves()) or 'none'}) and "
+                "method.feedforward_modules (the MLP's output projection)",
+            ) from None
+
+
+def has_peft_ia3_default(model_type: str) -> bool:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
+
+    return model_type in TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
+
+
+def default_targets(layout) -> tuple[list[str], list[str]]:
+    """raylib's IA3 default where PEFT has none: (target_modules, feedforward_modules) as names
+    relative to a decoder layer (`self_attn.qkv_proj`, `mlp.down_proj`), which PEFT matches as
+    path suffixes in every layer and which keep GPT-2-style `attn.c_proj`/`mlp.c_proj` apart.
+    ValueError when the model has no decoder Linear layers or no recognisable MLP."""
+    if not layout.layers:
+        raise ValueError("it has no Linear/Conv1D layers inside numbered decoder layers")
+    feedforward = layout.mlp_outputs()
+    if not feedforward:
+        raise ValueError("raylib found no MLP block (mlp/feed_forward/ffn) whose output projection to scale")
+    return sorted({layout.relative(p) for p in layout.layers}), feedforward
 
 
 class _PromptLearning(PeftMethod):
@@ -510,6 +596,9 @@ class _PromptLearning(PeftMethod):
                 "set data.packing: false (the default for prompt-learning methods)",
             )
         super().check(job)
+
+    def added_positions(self, job) -> int:
+        return job.method.num_virtual_tokens
 
     def common(self, job) -> dict:
         o = job.method

@@ -2,7 +2,9 @@
 
 Every targeted Linear weight is decomposed once, W = U·diag(σ)·Vᵀ, and the only trainable
 parameters are one vector z per matrix (length = number of singular values): the adapted
-weight is U·diag(σ⊙z)·Vᵀ. z = 1 is the base model exactly (up to float rounding).
+weight is U·diag(σ⊙z)·Vᵀ. z = 1 is the base model exactly (up to float rounding). GPT-2's
+Conv1D layers are Linears with a transposed weight and are adapted the same way (merging
+gives them back as Conv1D).
 
 YAML (`method:`)::
 
@@ -60,12 +62,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from typing import Literal, Sequence, Union
 
 from pydantic import Field
 
 from raylib.methods import Method, MethodOptions
+from raylib.methods.layout import DECODER_LAYER
 
 Z_FILE = "svf_z.safetensors"
 CONFIG_FILE = "svf_config.json"
@@ -74,7 +76,7 @@ ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key"
               "c_attn", "c_proj", "out_proj", "Wqkv")
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "w1", "w2", "w3",
              "dense_h_to_4h", "dense_4h_to_h")
-_LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+_LAYER_RE = DECODER_LAYER
 
 
 class SVFOptions(MethodOptions):
@@ -99,30 +101,29 @@ def _kind(name: str, module_path: str) -> str | None:
     return None
 
 
+def selected(path: str, targets="mlp", layers: Sequence[int] | None = None) -> bool:
+    """Whether the options select the layer at `path` (given it is a Linear/Conv1D): only
+    layers inside numbered decoder layers, never the output head or embeddings."""
+    m = _LAYER_RE.search(f".{path}.")
+    if m is None:
+        return False
+    if layers is not None and int(m.group(1)) not in layers:
+        return False
+    leaf = path.rsplit(".", 1)[-1]
+    if isinstance(targets, str):
+        return targets == "all-linear" or _kind(leaf, path) == targets
+    return leaf in targets
+
+
 def target_linears(model, targets="mlp", layers: Sequence[int] | None = None) -> dict:
-    """{module name: nn.Linear} the options select, in model order. The output head and
-    embeddings are never targeted; only Linears inside numbered decoder layers are."""
+    """{module name: nn.Linear / Conv1D} the options select, in model order (`selected`)."""
     import torch.nn as nn
+    from transformers.pytorch_utils import Conv1D
 
     from raylib.methods.svf_layers import SVFLinear
 
-    found = {}
-    for path, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, SVFLinear)):
-            continue
-        m = _LAYER_RE.search(f".{path}.")
-        if m is None:
-            continue
-        if layers is not None and int(m.group(1)) not in layers:
-            continue
-        leaf = path.rsplit(".", 1)[-1]
-        if isinstance(targets, str):
-            if targets != "all-linear" and _kind(leaf, path) != targets:
-                continue
-        elif leaf not in targets:
-            continue
-        found[path] = module
-    return found
+    return {path: module for path, module in model.named_modules()
+            if isinstance(module, (nn.Linear, Conv1D, SVFLinear)) and selected(path, targets, layers)}
 
 
 def svf_param_counts(shapes: dict) -> int:
@@ -142,22 +143,23 @@ def apply_svf(model, targets="mlp", layers=None, *, init_mean: float = 1.0, init
               forward: str = "auto", tokens_hint: int = 2048, cache_dir: str | None = None,
               model_path: str | None = None):
     """Replace the targeted Linears of `model` by SVFLinear (in place); freeze everything else."""
-    from raylib.methods.svf_layers import SVFLinear, choose_mode, decompose, model_identity
+    from raylib.methods.svf_layers import SVFLinear, choose_mode, decompose, is_conv1d, linear_shape, model_identity
 
     linears = {n: m for n, m in target_linears(model, targets, layers).items() if not isinstance(m, SVFLinear)}
     if not linears:
-        raise ValueError(f"svf: no Linear layers match targets={targets!r} layers={layers!r}")
+        raise ValueError(f"svf: no Linear/Conv1D layers match targets={targets!r} layers={layers!r}")
     factors = decompose(linears, model_identity(model, model_path or getattr(model, "name_or_path", None)), cache_dir)
     model.requires_grad_(False)
     for name, lin in linears.items():
         U, S, Vh = (t.to(device=lin.weight.device, dtype=lin.weight.dtype) for t in factors[name])
-        mode = forward if forward != "auto" else choose_mode(lin.out_features, lin.in_features, tokens_hint)
-        layer = SVFLinear(U, S.float(), Vh, lin.bias, mode=mode, init_mean=init_mean, init_std=init_std)
+        mode = forward if forward != "auto" else choose_mode(*linear_shape(lin), tokens_hint)
+        layer = SVFLinear(U, S.float(), Vh, lin.bias, mode=mode, init_mean=init_mean, init_std=init_std,
+                          conv1d=is_conv1d(lin))
         layer.z.data = layer.z.data.to(lin.weight.device)
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer)
     model.svf_config = {"targets": targets, "layers": list(layers) if layers is not None else None,
-                        "shapes": {n: [m.out_features, m.in_features] for n, m in linears.items()}}
+                        "shapes": {n: list(linear_shape(m)) for n, m in linears.items()}}
     return model
 
 
@@ -257,7 +259,8 @@ def apply_expert(model, experts, alphas=None) -> None:
 
 
 def merge(model):
-    """Replace every SVFLinear by a plain nn.Linear with its current merged weight (in place)."""
+    """Replace every SVFLinear by a plain nn.Linear (Conv1D where it was one) with its current
+    merged weight (in place)."""
     target = _unwrap(model)
     for name, m in list(svf_modules(target).items()):
         parent_name, _, leaf = name.rpartition(".")
@@ -310,6 +313,21 @@ class SVF(Method):
         t = job.method.targets
         if isinstance(t, list) and not t:
             raise ConfigError("method.targets", "empty list", "use mlp, attn, all-linear or module names like [q_proj]")
+
+    def check_model(self, job, layout) -> None:
+        """The targets must select at least one layer of this architecture (mlp/attn are found
+        by module names and paths, which some families spell differently)."""
+        from raylib.errors import ConfigError
+
+        o = job.method
+        if not any(selected(p, o.targets, o.layers) for p in layout.layers):
+            raise ConfigError(
+                "method.targets",
+                f"targets={o.targets!r}" + (f" in layers {o.layers}" if o.layers is not None else "")
+                + f" select no Linear/Conv1D layer of this {layout.model_type} model "
+                f"(its decoder layers' Linear/Conv1D layers: {', '.join(layout.leaves()) or 'none'})",
+                "use all-linear, or a list of names from that list" + (", or other method.layers" if o.layers else ""),
+            )
 
     def apply(self, model, job):
         o = job.method

@@ -19,8 +19,31 @@ log = logging.getLogger("raylib.svf")
 FORWARD_MODES = ("auto", "rebuild", "factored")
 
 
+def is_conv1d(module) -> bool:
+    """transformers' Conv1D (GPT-2 family): a Linear whose weight is stored transposed, (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def linear_shape(module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear, a Conv1D or an SVFLinear."""
+    if is_conv1d(module):
+        return module.nf, module.nx
+    return module.out_features, module.in_features
+
+
+def linear_weight(module) -> torch.Tensor:
+    """The weight as a Linear holds it, (out, in): y = x·Wᵀ + b (a Conv1D's weight transposed)."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
 class SVFLinear(nn.Module):
     """A Linear layer stored as W = U·diag(σ)·Vᵀ with one trainable scale vector z.
+
+    A GPT-2 Conv1D is adapted the same way: its (in, out) weight is the transposed W, so it is
+    decomposed as W and runs as a Linear; `conv1d=True` only makes `to_linear` give back a
+    Conv1D, so a merged model keeps the layer type (and weight layout) its config loads.
 
     y = x·(U·diag(σ⊙z)·Vᵀ)ᵀ + b. The factors are plain tensor attributes (moved by
     `.to()` through `_apply`), not parameters or buffers: they are frozen, are not part of
@@ -33,9 +56,10 @@ class SVFLinear(nn.Module):
     """
 
     def __init__(self, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, bias: torch.Tensor | None,
-                 mode: str = "rebuild", init_mean: float = 1.0, init_std: float = 0.0):
+                 mode: str = "rebuild", init_mean: float = 1.0, init_std: float = 0.0, conv1d: bool = False):
         super().__init__()
         self.U, self.S, self.Vh = U, S, Vh
+        self.conv1d = conv1d
         self.out_features, self.in_features = U.shape[0], Vh.shape[1]
         z = torch.full_like(S, float(init_mean))
         if init_std > 0:
@@ -86,19 +110,28 @@ class SVFLinear(nn.Module):
                 self._cache = (x.dtype, z.clone(), self.scaled_u(z, x.dtype) @ self.Vh.to(x.dtype))
         return F.linear(x, self._cache[2], self.bias)
 
-    def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding the merged weight U·diag(σ⊙z)·Vᵀ."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.U.device, dtype=self.U.dtype)
+    def to_linear(self) -> nn.Module:
+        """A plain nn.Linear holding the merged weight U·diag(σ⊙z)·Vᵀ (a Conv1D holding its
+        transpose when the adapted layer was one)."""
+        if self.conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            lin = Conv1D(self.out_features, self.in_features).to(device=self.U.device, dtype=self.U.dtype)
+            merged = self.weight_from_z().t()
+        else:
+            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                            device=self.U.device, dtype=self.U.dtype)
+            merged = self.weight_from_z()
         with torch.no_grad():
-            lin.weight.copy_(self.weight_from_z())
+            lin.weight.copy_(merged)
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         lin.requires_grad_(False)
         return lin
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, mode={self.mode}"
+        conv = ", conv1d" if self.conv1d else ""
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, mode={self.mode}{conv}"
 
 
 # --------------------------------------------------------------------------- forward choice
@@ -162,7 +195,7 @@ def cache_root(cache_dir: str | None = None) -> str:
     return cache_dir or os.environ.get("RAYLIB_SVF_CACHE") or os.path.expanduser("~/.cache/raylib/svf")
 
 
-def decompose(linears: dict[str, nn.Linear], identity: dict, cache_dir: str | None = None) -> dict[str, tuple]:
+def decompose(linears: dict[str, nn.Module], identity: dict, cache_dir: str | None = None) -> dict[str, tuple]:
     """SVD factors {name: (U, S, Vh)} for `linears`, from the disk cache when present.
 
     The cache key hashes the base model's identity and the targeted module names. A file
@@ -184,7 +217,7 @@ def decompose(linears: dict[str, nn.Linear], identity: dict, cache_dir: str | No
         else:
             flat = {}
             for name, lin in linears.items():
-                w = lin.weight.detach().to(torch.float32)
+                w = linear_weight(lin).detach().to(torch.float32)
                 U, S, Vh = torch.linalg.svd(w, full_matrices=False)
                 flat[f"{name}.U"], flat[f"{name}.S"], flat[f"{name}.Vh"] = U.contiguous(), S.contiguous(), Vh.contiguous()
             tmp = path + ".tmp"
