@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from raylib.errors import ConfigError, DataError
+from raylib.errors import DataError
 
 IGNORE = -100
 
@@ -447,8 +447,9 @@ class Collator:
 # --------------------------------------------------------------------------- entry points
 
 
-def preflight(job) -> DataReport:
-    """Driver-side check before Ray starts: sources readable, rows usable, not empty."""
+def preflight(job, tokenizer=None) -> DataReport:
+    """Driver-side check before Ray starts: sources readable, rows usable, not empty; with the
+    model's `tokenizer` (launch.preflight passes it), also that some example fits max_length."""
     if job.objective.name == "classification":  # rows are text + task + label, not templates
         from raylib.objectives import classification
 
@@ -466,39 +467,30 @@ def preflight(job) -> DataReport:
         eval_report = DataReport()
         if not valid_rows(load_rows(job.data.eval, "data.eval"), job.data, eval_report):
             raise DataError("data.eval", f"{job.data.eval!r} has no usable rows", "fix the file or remove data.eval")
-    if job.objective.name == "sft":  # RL objectives sample their own completions: no max_length cut
-        check_some_example_fits(job, rows)
+    if tokenizer is not None and job.objective.name == "sft":  # RL samples its own completions: no cut
+        check_some_example_fits(job, rows, tokenizer)
     return report
 
 
-def check_some_example_fits(job, rows: list[dict], chunk: int = 256) -> None:
+def check_some_example_fits(job, rows: list[dict], tokenizer, chunk: int = 256) -> None:
     """At least one training example survives `max_length` (dropped when longer, or truncated
     to nothing trainable when its prompt alone fills it): else every worker would stop in
     `prepare` with nothing to train on. The tokenizer and the cut are the workers' own, on the
     same training rows (the eval split held out), in chunks: a usable dataset stops at its
     first fitting example; only a failing one is tokenized whole, to say how long it is."""
-    from raylib.models import load_tokenizer
-
     data_cfg = job.data
     if not data_cfg.eval:
         rows, _ = split_rows(rows, data_cfg.eval_split, job.train.seed)
-    try:
-        tokenizer = load_tokenizer(job.model)
-    except Exception as exc:  # the workers would fail the same way, later
-        source = job.model.tokenizer or job.model.path
-        raise ConfigError("model.tokenizer" if job.model.tokenizer else "model.path",
-                          f"cannot load the tokenizer of {source!r}: {' '.join(str(exc).split())[:300]}",
-                          "point model.tokenizer (or model.path) at a directory with the tokenizer files") from exc
-    report = DataReport()
-    shortest = None
+    if not rows:  # everything held out for eval: `prepare` reports that
+        return
+    shortest = None  # tokens the most modest example needs to be kept
     for start in range(0, len(rows), chunk):
         examples = tokenize_rows(rows[start:start + chunk], tokenizer, data_cfg)
-        if to_sequences(examples, data_cfg, report, job.train.seed):
+        if to_sequences(examples, data_cfg, None, job.train.seed):
             return
-        need = [len(e.prompt_ids) + (len(e.response_ids) if data_cfg.too_long == "drop" else 1) for e in examples]
-        shortest = min([*need, shortest] if shortest is not None else need)
-    if shortest is None:  # no training rows left after the eval split: the row checks above say why
-        return
+        for e in examples:  # dropped whole, or (truncate) needs its prompt and one answer token
+            need = len(e.prompt_ids) + (len(e.response_ids) if data_cfg.too_long == "drop" else 1)
+            shortest = need if shortest is None else min(shortest, need)
     why = (f"are longer than {data_cfg.max_length} tokens" if data_cfg.too_long == "drop"
            else f"have a prompt that fills all {data_cfg.max_length} tokens, leaving no answer to train on")
     raise DataError(

@@ -85,7 +85,7 @@ def preflight(job: JobConfig, resume: bool = False, probe: bool = True) -> data_
         storage.probe(loc)
     models.preflight(job)
     check_architecture(job)
-    report = data_mod.preflight(job)
+    report = data_mod.preflight(job, models.preflight_tokenizer(job))
     if has_run(out) and not resume:
         raise ConfigError(
             "output.dir",

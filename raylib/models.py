@@ -207,6 +207,18 @@ def meta_model(model_cfg):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
 
 
+def preflight_tokenizer(job):
+    """Driver-side: the tokenizer the workers will load (data preflight tokenizes with it), or a
+    ConfigError naming the field, instead of every worker failing on it later."""
+    try:
+        return load_tokenizer(job.model)
+    except Exception as exc:  # noqa: BLE001 - transformers/tokenizers raise OSError, ValueError, ...
+        source = job.model.tokenizer or job.model.path
+        raise ConfigError("model.tokenizer" if job.model.tokenizer else "model.path",
+                          f"cannot load the tokenizer of {source!r}: {' '.join(str(exc).split())[:300]}",
+                          "point model.tokenizer (or model.path) at a directory with the tokenizer files") from exc
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count their logical size."""
     trainable = total = 0
