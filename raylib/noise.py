@@ -9,6 +9,10 @@ prints is never loosened to hide them, and anything else on those loggers still 
 `install()` runs when the `raylib` package is imported. So the CLI, `ray job submit`
 entrypoints, Ray Train workers, Tune trials and Serve replicas are all covered: each imports
 raylib (unpickling the worker function does) before the libraries load. It is idempotent.
+
+Not here, by design: silencing scoped to one call whose failure raylib replaces with its own
+clearer error. One example is datasets' builder ERROR line while `raylib.data` reads a file
+that it then reports by line number. Those filters stay with that code, for that call only.
 """
 
 from __future__ import annotations
