@@ -184,7 +184,6 @@ class LoRA(PeftMethod):
             **o.extra,
         )
 
-
     def check_model(self, job, layout) -> None:
         check_targets("method.target_modules", job.method.target_modules, layout)
 
@@ -483,8 +482,8 @@ class IA3(PeftMethod):
     and raises inside the worker. For those raylib supplies one (`default_targets`): every
     Linear/Conv1D of the decoder layers, with each MLP's output projection as feedforward (its
     input scaled: the paper's scaling of the FFN's inner activations). The driver checks that
-    such a default exists and logs it before Ray starts; the worker builds the same from the
-    loaded model."""
+    such a default exists before Ray starts (`check_model`, on the meta-device model); the
+    worker builds the same from the loaded model and logs it."""
 
     name = "ia3"
     Options = IA3Options
