@@ -87,14 +87,3 @@ def test_qlora_shape_check_applies_only_where_it_binds(tmp_path, odd_model, monk
     monkeypatch.setattr(models, "bnb_packs_cpu_weights", lambda: True)  # a job that asks for a GPU
     result = _validate(_qlora_job(tmp_path, odd_model, use_gpu=True))
     assert result.exit_code == 0, result.output
-
-
-def test_the_tiny_model_fits_every_4bit_cpu_path(tmp_path, tiny_model, monkeypatch):
-    """The model tests and the demo use quantizes on every CPU kind."""
-    monkeypatch.setattr(models, "bnb_packs_cpu_weights", lambda: True)
-    result = _validate(_qlora_job(tmp_path, tiny_model))
-    assert result.exit_code == 0, result.output
-    from raylib.config import load_job
-
-    meta = models.meta_model(load_job(os.path.join(tmp_path, "job.yaml")).model)
-    assert models.packed_4bit_misfits(meta, quantizable_only=True) == []
