@@ -10,7 +10,6 @@ real kernels run wherever the suite runs: the QLoRA tests train on this machine'
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from click.testing import CliRunner
