@@ -65,7 +65,7 @@ def _score_shard(expert_dir: str, job: dict, rows: list[dict], max_new_tokens: i
     if info.method == "full":
         model = AutoModelForCausalLM.from_pretrained(expert_dir, dtype="float32")
     else:
-        model = get_method(info.method).load(models.load_model(model_cfg, "cpu"), expert_dir)
+        model = get_method(info.method).load(models.load_model(model_cfg, "cpu", inference=True), expert_dir)
     model.eval()
     data_fields = {k: v for k, v in job.get("data", {}).items() if k in DataConfig.model_fields}
     data_cfg = DataConfig.model_validate({**data_fields, "train": "-", "packing": False, "too_long": "truncate"})

@@ -67,9 +67,11 @@ def load_tokenizer(model_cfg):
     return tok
 
 
-def load_model(model_cfg, device=None, trains_weights: bool = False):
+def load_model(model_cfg, device=None, trains_weights: bool = False, inference: bool = False):
     """The base causal LM. Quantized models are placed on `device` at load (bitsandbytes).
-    `trains_weights`: the method updates the base weights themselves (see resolve_dtype)."""
+    `trains_weights`: the method updates the base weights themselves (see resolve_dtype).
+    `inference`: the model only serves or scores (no training step will run on it), so
+    4-bit layers may take bitsandbytes' packed inference kernel (see use_4bit_cpu_kernels)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -87,10 +89,8 @@ def load_model(model_cfg, device=None, trains_weights: bool = False):
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(model_cfg.path, **kwargs)
-    if quant is not None and device.type == "cpu" and bnb_packs_cpu_weights():
-        misfits = packed_4bit_misfits(model)  # a worker on another CPU kind than the driver's
-        if misfits:
-            raise packed_4bit_error(misfits)
+    if quant is not None:
+        use_4bit_cpu_kernels(model, inference)
     return model
 
 
@@ -100,7 +100,6 @@ def preflight(job) -> None:
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError("model.path", f"{path!r} has no config.json", "point it at a directory written by save_pretrained")
-        check_4bit_on_cpu(job)
         return
     looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
     if not looks_like_hub_id:
@@ -118,93 +117,43 @@ def preflight(job) -> None:
 
 # --------------------------------------------------------------------------- 4-bit on CPU
 
-#: bitsandbytes' CPU path on AVX512-BF16 CPUs packs each 4-bit weight in blocks of this many
-#: output rows (`bitsandbytes.functional._convert_weight_packed_for_cpu`), and asserts
-#: out_features % 32 == 0 and an even in_features the first time a layer runs in eval mode.
+#: bitsandbytes' packed 4-bit CPU kernel (AVX512-BF16 CPUs) lays weights out in blocks of this
+#: many output rows (`bitsandbytes.functional._convert_weight_packed_for_cpu`).
 BNB_CPU_PACK_BLOCK = 32
 
 
-def bnb_packs_cpu_weights() -> bool:
-    """Whether bitsandbytes takes its packed 4-bit CPU path on this machine. It decides per
-    CPU, by asking its native library for AVX512-BF16, and so does this."""
-    try:
-        from bitsandbytes.functional import has_avx512bf16
-    except Exception:  # bitsandbytes missing or broken: QLoRA.check reports that
-        return False
-    return bool(has_avx512bf16())
+def fits_packed_4bit_kernel(module) -> bool:
+    """The repack asserts out_features % 32 == 0 and an even in_features, and reshapes the
+    absmax scales per row, so in_features must also be a whole number of quantization blocks."""
+    quant_state = getattr(module.weight, "quant_state", None)
+    blocksize = getattr(quant_state, "blocksize", None) or 64
+    return (module.out_features % BNB_CPU_PACK_BLOCK == 0 and module.in_features % 2 == 0
+            and module.in_features % blocksize == 0)
 
 
-def packed_4bit_misfits(model, quantizable_only: bool = False) -> list[tuple[str, int, int]]:
-    """(name, out_features, in_features) of the layers the packed CPU kernel would refuse.
+def use_4bit_cpu_kernels(model, inference: bool) -> int:
+    """Keep each 4-bit layer off bitsandbytes' packed CPU kernel unless it is safe there.
 
-    `model` is either a loaded model whose 4-bit layers are `bnb.nn.Linear4bit`, or (with
-    `quantizable_only`) a model on the meta device: then the layers are the ones transformers'
-    bitsandbytes integration would quantize (nn.Linear and GPT-2's Conv1D, minus the output
-    embeddings and the other modules it keeps in full precision)."""
-    import torch.nn as nn
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a `Linear4bit` weight the first time
+    the layer runs in eval mode without grad, and keeps it packed. Two things go wrong:
+    - the repack asserts the layer's shape (out_features % 32 == 0; the tiny model's MLP is 176
+      wide), so the first evaluation of a QLoRA run dies mid-run (fits_packed_4bit_kernel);
+    - the packed matmul has no autograd formula, so once a training run has evaluated, the
+      gradient stops at every 4-bit layer (the LoRA weights below it silently stop learning).
+    So training models never pack, and inference models pack only the layers that fit; the
+    others take bitsandbytes' generic CPU path, which every CPU has. The switch is the
+    layer's own `support_avx512bf16_for_cpu` flag, which bitsandbytes sets from the CPU at
+    construction (False elsewhere, so this changes nothing there). Returns how many layers
+    stay eligible for the packed kernel."""
+    import bitsandbytes as bnb
 
-    if quantizable_only:
-        from transformers.pytorch_utils import Conv1D
-        from transformers.quantizers.base import get_keys_to_not_convert
-        from transformers.quantizers.quantizers_utils import should_convert_module
-
-        skip = get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
-        layers = []
-        for name, module in model.named_modules():
-            if not should_convert_module(name, skip):
-                continue
-            if isinstance(module, Conv1D):
-                layers.append((name, module.weight.shape[1], module.weight.shape[0]))
-            elif type(module) is nn.Linear:
-                layers.append((name, module.out_features, module.in_features))
-    else:
-        import bitsandbytes as bnb
-
-        layers = [(name, m.out_features, m.in_features) for name, m in model.named_modules()
-                  if isinstance(m, bnb.nn.Linear4bit)]
-    return [(n, o, i) for n, o, i in layers if o % BNB_CPU_PACK_BLOCK or i % 2]
-
-
-def packed_4bit_error(misfits: list[tuple[str, int, int]]) -> ConfigError:
-    name, out_f, in_f = misfits[0]
-    more = f" (and {len(misfits) - 1} more)" if len(misfits) > 1 else ""
-    return ConfigError(
-        "model.quantization",
-        f"bitsandbytes' 4-bit kernel on this CPU (AVX512-BF16) packs weights in blocks of "
-        f"{BNB_CPU_PACK_BLOCK} output features and needs an even input size, but {name} is "
-        f"{out_f} x {in_f} (out x in){more}",
-        f"train on a GPU (scaling.use_gpu: true), use a model whose layer sizes are multiples of "
-        f"{BNB_CPU_PACK_BLOCK}, or use method.name: lora without quantization",
-    )
-
-
-def check_4bit_on_cpu(job) -> None:
-    """Driver-side, before Ray starts: a 4-bit job that will run on this CPU kind must fit
-    the packed kernel's shapes. The layers come from the model's config on the meta device
-    (no weights are read). Jobs that ask for a GPU, and CPUs where bitsandbytes does not
-    pack, have no such constraint."""
-    if job.model.quantization not in ("nf4", "fp4") or job.scaling.use_gpu is True:
-        return
-    if not os.path.isfile(os.path.join(job.model.path, "config.json")) or not bnb_packs_cpu_weights():
-        return
-    import torch
-
-    if job.scaling.use_gpu == "auto" and torch.cuda.is_available():
-        return
-    misfits = packed_4bit_misfits(meta_model(job.model), quantizable_only=True)
-    if misfits:
-        raise packed_4bit_error(misfits)
-
-
-def meta_model(model_cfg):
-    """The base model's module tree on the meta device, from its config alone."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_cfg.path, revision=model_cfg.revision,
-                                        trust_remote_code=model_cfg.trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    eligible = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            keep = inference and fits_packed_4bit_kernel(module)
+            module.support_avx512bf16_for_cpu = keep
+            eligible += keep
+    return eligible
 
 
 def preflight_tokenizer(job):
@@ -238,7 +187,7 @@ TINY_RECIPE = 1  # bump when the tokenizer corpus or pretraining recipe changes 
 TINY_DEFAULTS = dict(
     vocab_size=512,
     hidden_size=64,
-    intermediate_size=176,  # NOT a multiple of 32: see README "Any CPU" (bnb packed 4-bit kernel)
+    intermediate_size=176,  # not a multiple of 32: 4-bit on AVX512-BF16 takes bnb's generic path (use_4bit_cpu_kernels)
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,

@@ -9,9 +9,9 @@ What differs between the families is what the methods trip over: fused projectio
 qkv_proj/gate_up_proj, GPT-NeoX's query_key_value), GPT-2's Conv1D layers (weights stored
 transposed), attention biases (Qwen2), q/k norms (Qwen3), sliding windows (Mistral, Gemma2),
 logit soft-capping and tied embeddings (Gemma2, GPT-2). The sizes are the smallest that keep
-those features: every Linear/Conv1D dimension is a multiple of 64, because bitsandbytes'
-packed 4-bit CPU kernel (qlora) asserts out_features % 32 == 0 on AVX512-BF16 CPUs, and the
-attention uses 4 query heads over 2 key/value heads wherever the family has GQA. The sliding
+those features: every Linear/Conv1D dimension is a multiple of 64, so on AVX512-BF16 CPUs
+their 4-bit layers fit bitsandbytes' packed CPU kernel (the tiny pretrained Llama's MLP does
+not: between them, both of bitsandbytes' CPU paths are exercised), and the attention uses 4 query heads over 2 key/value heads wherever the family has GQA. The sliding
 windows (32 tokens) are shorter than the training sequences, so windowed masks are exercised.
 
 The weights stay random (no pretraining): these models test that methods run, learn something

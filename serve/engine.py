@@ -100,7 +100,7 @@ class Engine:
         t0 = time.perf_counter()
 
         def fresh():
-            return load_model(mcfg, self.device).to(self.device).eval()
+            return load_model(mcfg, self.device, inference=True).to(self.device).eval()
 
         peft_names = [n for n, i in infos.items() if i.method in ("lora", "qlora")]
         svf_names = [n for n, i in infos.items() if i.method == "svf"]
@@ -229,7 +229,7 @@ class Engine:
     def _fresh(self):
         from raylib.models import load_model
 
-        return load_model(self._mcfg, self.device).to(self.device).eval()
+        return load_model(self._mcfg, self.device, inference=True).to(self.device).eval()
 
     def _peft_model(self):
         return next((s.model for s in self.slots.values() if s.family in ("peft", "base-peft")), None)

@@ -94,7 +94,7 @@ class PromptClassifier(Strategy):
 
         mcfg = ModelConfig(path=base_model, dtype=dtype)
         self.tok = load_tokenizer(mcfg)
-        self.model = load_model(mcfg).eval()
+        self.model = load_model(mcfg, inference=True).eval()
         self.cfg = cfg
         self.labels = {cfg.labels.get(n, n): n for n in names}
         self.labels.setdefault("other", None)

@@ -1,21 +1,27 @@
 """raylib's contracts hold whichever CPU path a library takes.
 
 bitsandbytes picks its 4-bit CPU kernel per CPU: on AVX512-BF16 it logs a notice on every
-import and packs weights in blocks of 32 output features (asserting the shape). These tests
-drive raylib's side of both on any CPU. The notice filter is checked with the record as
-bitsandbytes emits it, and the shape check by switching raylib's view of the CPU kind. The
-real kernels run wherever the suite runs: the QLoRA tests train on this machine's own path.
+import, and an evaluation repacks 4-bit weights for an inference kernel that asserts the
+layer's shape and has no backward (see `models.use_4bit_cpu_kernels`). The notice filter is
+checked with the record as bitsandbytes emits it. The 4-bit tests assert outcomes that must
+hold on every path (same gradients after an evaluation, same logits for inference, any layer
+width), on two models: one whose layers fit the packed kernel and one whose MLP does not.
 """
 
 from __future__ import annotations
 
-import json
+import os
 
 import pytest
-from click.testing import CliRunner
-from helpers import job_dict, run_python, write_job
+import torch
+from helpers import job_dict, run_python
 
 from raylib import models, noise
+from raylib.config import validate_job
+from raylib.methods import get_method
+from raylib.tiny_models import build_family
+
+CACHE = os.environ.get("RAYLIB_TEST_CACHE", os.path.expanduser("~/.cache/raylib-tests"))
 
 
 def test_known_noise_is_dropped_and_nothing_else():
@@ -50,39 +56,68 @@ def test_noise_is_filtered_before_the_library_loads():
 
 @pytest.fixture(scope="module")
 def odd_model(tmp_path_factory):
-    """A random-weight tiny Llama whose MLP width (176) the packed 4-bit kernel refuses."""
+    """A random-weight tiny Llama whose MLP width (176) the packed 4-bit kernel cannot hold."""
     return models.build_tiny(str(tmp_path_factory.mktemp("odd") / "m"), pretrain_steps=0, intermediate_size=176)
 
 
-def _qlora_job(tmp_path, model: str, **scaling) -> str:
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"Add {i} and 1.", "input": "", "output": str(i + 1)}) + "\n"
-                            for i in range(20)))
-    job = job_dict(model, {"train": str(data), "eval": str(data)}, str(tmp_path / "out"), method={"name": "qlora"})
-    if scaling:
-        job["scaling"] = scaling
-    return write_job(tmp_path / "job.yaml", job)
+@pytest.fixture(scope="module")
+def even_model():
+    """A tiny Llama whose every layer fits the packed kernel (multiples of 64): on AVX512-BF16
+    CPUs its 4-bit layers would be repacked by an evaluation."""
+    return build_family("llama", os.path.join(CACHE, "arch-llama"))
 
 
-def _validate(job_yaml: str):
-    from raylib.cli import main
-
-    return CliRunner().invoke(main, ["validate", job_yaml])
-
-
-def test_qlora_shapes_are_checked_before_ray_where_bnb_packs(tmp_path, odd_model, monkeypatch):
-    monkeypatch.setattr(models, "bnb_packs_cpu_weights", lambda: True)
-    result = _validate(_qlora_job(tmp_path, odd_model))
-    assert result.exit_code == 2
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: model.quantization:"), result.stderr
-    assert "model.layers.0.mlp.gate_proj is 176 x 64" in lines[0] and "(fix: " in lines[0]
-    assert "lm_head" not in lines[0]  # transformers keeps the output embeddings in full precision
+def _nf4(path: str, inference: bool):
+    job = validate_job(job_dict(path, {"train": "x", "eval": None}, "o", method={"name": "qlora", "r": 8, "dropout": 0.0}))
+    return job, models.load_model(job.model, inference=inference)
 
 
-def test_qlora_shape_check_applies_only_where_it_binds(tmp_path, odd_model, monkeypatch):
-    monkeypatch.setattr(models, "bnb_packs_cpu_weights", lambda: False)  # this CPU's path: no packing
-    assert _validate(_qlora_job(tmp_path, odd_model)).exit_code == 0
-    monkeypatch.setattr(models, "bnb_packs_cpu_weights", lambda: True)  # a job that asks for a GPU
-    result = _validate(_qlora_job(tmp_path, odd_model, use_gpu=True))
-    assert result.exit_code == 0, result.output
+def _batch(path: str) -> dict:
+    tok = models.load_tokenizer(validate_job(job_dict(path, {"train": "x", "eval": None}, "o")).model)
+    enc = tok(["What is 12 + 30? 42", "Reverse the word. lamp pmal"], return_tensors="pt", padding=True)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": enc["input_ids"]}
+
+
+def _lora_grads(model, batch) -> dict:
+    model.train()
+    model.zero_grad()
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("which", ["odd", "even"])
+def test_qlora_gradients_are_the_same_after_an_evaluation(which, odd_model, even_model):
+    """A QLoRA run evaluates between steps. Afterwards every LoRA weight, the first layer's
+    too, gets the gradient it got before: no 4-bit layer's kernel stops the backward pass or
+    refuses the layer's shape, whichever CPU path bitsandbytes takes."""
+    path = odd_model if which == "odd" else even_model
+    job, base = _nf4(path, inference=False)
+    model = get_method("qlora").apply(base, job)
+    batch = _batch(path)
+    before = _lora_grads(model, batch)
+    assert any(".layers.0." in n for n in before) and len(before) == len(
+        [p for p in model.parameters() if p.requires_grad])
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(**batch).loss
+    assert torch.isfinite(evaluated)
+    after = _lora_grads(model, batch)
+    assert after.keys() == before.keys()
+    for n in before:
+        torch.testing.assert_close(after[n], before[n], msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("which", ["odd", "even"])
+def test_a_4bit_model_for_inference_gives_the_training_models_logits(which, odd_model, even_model):
+    """Serving and scoring load 4-bit models for inference (bitsandbytes may use its packed
+    kernel where a layer fits it, its generic path elsewhere): any layer width runs, and the
+    logits match the training load's to bf16 compute precision."""
+    path = odd_model if which == "odd" else even_model
+    batch = _batch(path)
+    logits = {}
+    for inference in (False, True):
+        model = _nf4(path, inference)[1].eval()
+        with torch.no_grad():
+            logits[inference] = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    assert torch.isfinite(logits[True]).all()
+    torch.testing.assert_close(logits[True], logits[False], atol=5e-2, rtol=5e-2)
