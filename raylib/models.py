@@ -88,7 +88,16 @@ def load_model(model_cfg, device=None, trains_weights: bool = False, inference: 
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(model_cfg.path, **kwargs)
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, **kwargs)
+    except (OSError, SafetensorError) as exc:  # a weights file missing or cut off (an interrupted copy)
+        raise ConfigError(
+            "model.path",
+            f"cannot load the weights of {model_cfg.path!r}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+            "re-copy or re-save the model (save_pretrained writes config.json and the weights together)",
+        ) from exc
     if quant is not None:
         use_4bit_cpu_kernels(model, inference)
     return model

@@ -5,6 +5,7 @@ that says what failed and where its log is; a successful run exits 0 with a clea
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -82,30 +83,36 @@ def test_unexpected_exceptions_are_one_paragraph_with_a_traceback_file():
 
 @pytest.mark.slow
 def test_ray_job_submit_reports_failed_for_a_failing_run(tmp_path, tiny_model, demo_data):
-    """jobs/finetune.py exits non-zero when its workers fail, so Ray marks the job FAILED."""
+    """jobs/finetune.py exits non-zero when its workers fail, so Ray marks the job FAILED.
+    The failure must be one the driver's preflight cannot see (it reads config.json and the
+    tokenizer, never the weights): a model whose weights file is cut off, which only the
+    workers' from_pretrained reads."""
     from helpers import RayHead
 
+    broken = tmp_path / "cut-off-model"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     head = RayHead(num_cpus=2)
     try:
         out = str(tmp_path / "submitted")
         submission_id = f"raylib-fail-{os.getpid()}"
         cmd = ["ray", "job", "submit", "--address", head.dashboard, "--working-dir", REPO, "--submission-id",
                submission_id, "--", "python", "jobs/finetune.py", "jobs/examples/lora.yaml",
-               "--set", f"model.path={tiny_model}", "--set", f"data.train={demo_data['train']}",
+               "--set", f"model.path={broken}", "--set", f"data.train={demo_data['train']}",
                "--set", f"data.eval={demo_data['eval']}", "--set", f"output.dir={out}",
-               "--set", "train.max_steps=2", "--set", "data.max_length=256",
-               "--set", "method.target_modules=[no_such_module]"]  # valid YAML, fails in the workers
+               "--set", "train.max_steps=2", "--set", "data.max_length=256"]
         proc = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=900, cwd=REPO)
         streamed = proc.stdout + proc.stderr  # `ray job submit` follows the job's log until it ends
         assert proc.returncode != 0, streamed[-4000:]
-        assert "error: training failed:" in streamed and "no_such_module" in streamed, streamed[-4000:]
+        assert "error: training failed:" in streamed and f"cannot load the weights of {str(broken)!r}" in streamed, streamed[-4000:]
         # Ray's own CLI with the head's environment (token auth): the status Ray recorded
         status = subprocess.run(["ray", "job", "status", "--address", head.dashboard, submission_id], env=head.env,
                                 capture_output=True, text=True, timeout=120, cwd=REPO)
         assert f"Job '{submission_id}' failed" in status.stdout + status.stderr, status.stdout + status.stderr
         logs = subprocess.run(["ray", "job", "logs", "--address", head.dashboard, submission_id], env=head.env,
                               capture_output=True, text=True, timeout=120, cwd=REPO).stdout
-        assert "error: training failed:" in logs and "no_such_module" in logs, logs[-4000:]
+        assert "error: training failed:" in logs and f"cannot load the weights of {str(broken)!r}" in logs, logs[-4000:]
         assert "expert saved" not in logs
     finally:
         head.stop()
