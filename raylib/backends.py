@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from typing import Any
 
@@ -78,6 +79,13 @@ def build_optimizer(model, train_cfg):
     if name == "adamw_8bit":
         return bnb.optim.AdamW8bit(groups, lr=train_cfg.lr)
     if name == "paged_adamw_8bit":
+        if groups[0]["params"][0].device.type != "cuda":
+            # bitsandbytes pages optimizer state through CUDA unified memory only; elsewhere it
+            # warns on every step and runs unpaged. Say it once, in our words, and run that.
+            logging.getLogger("raylib.backends").info(
+                "optimizer paged_adamw_8bit: paging needs CUDA, so on %s it steps as adamw_8bit",
+                groups[0]["params"][0].device.type)
+            return bnb.optim.AdamW8bit(groups, lr=train_cfg.lr)
         return bnb.optim.PagedAdamW8bit(groups, lr=train_cfg.lr)
     raise ValueError(f"unknown optimizer {name!r}")
 
@@ -373,8 +381,6 @@ def prepare_cpu_ops(device_type: str) -> None:
     """
     if device_type != "cpu":
         return
-    import logging
-
     import filelock
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory

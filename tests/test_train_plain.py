@@ -72,6 +72,22 @@ def test_4bit_layers_are_really_quantized(tiny_model):
     assert quantized and all(m.weight.quant_type == "nf4" for m in quantized)
 
 
+def test_paged_adamw_steps_unpaged_off_cuda(tiny_model):
+    """bitsandbytes pages optimizer state through CUDA only (elsewhere it warns every step and
+    runs unpaged): off CUDA, qlora's default paged_adamw_8bit is built as the unpaged optimizer."""
+    from raylib.backends import build_optimizer
+
+    job = validate_job(job_dict(tiny_model, {"train": "x", "eval": None}, "o", method={"name": "qlora"}))
+    assert job.train.optimizer == "paged_adamw_8bit"
+    param = torch.nn.Parameter(torch.randn(128, 128))
+    optimizer = build_optimizer(torch.nn.ParameterList([param]), job.train)
+    assert optimizer.is_paged is False
+    param.grad = torch.ones_like(param)
+    before = param.detach().clone()
+    optimizer.step()
+    assert not torch.equal(param, before)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd", "adamw_8bit"])
 def test_optimizers_step(tiny_model, demo_data, tmp_path, optimizer):
     job = validate_job(job_dict(tiny_model, demo_data, str(tmp_path / "o"),
