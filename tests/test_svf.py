@@ -168,19 +168,33 @@ def test_svf_sft_trains_only_z_and_resumes_exactly(tiny_model, demo_data, tmp_pa
         torch.testing.assert_close(z, a[n])
 
 
+#: the instruct base's size: 4 layers of 128 (870k parameters). The 2-layer, 64-wide base the
+#: other tests use left SVF nothing to sharpen on some CPUs: there (AVX512-BF16), per-domain
+#: experts tied or lost to it (exact match on 60 rows, base -> expert: arithmetic 0.083 -> 0.083,
+#: strings 0.967 -> 0.950, comparison 0.317 -> 0.333), because its pretraining outcome, and
+#: so its per-domain skill, depends on the CPU's float kernels. At this size the base follows
+#: the template with real but partial skill in every domain.
+INSTRUCT_BASE = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2)
+
+
 @pytest.fixture(scope="session")
 def instruct_tiny_model() -> str:
-    """A tiny base pretrained longer and partly in the alpaca template (about a minute, once
-    per machine): it follows the format with a modest skill per domain, which SVF, only
+    """A tiny base pretrained partly in the alpaca template (about 6.5 minutes on 2 cores,
+    once per machine): it follows the format with a modest skill per domain, which SVF, only
     rescaling singular values, can sharpen. The default tiny base never saw the template."""
     from raylib.models import build_tiny
 
     cache = os.environ.get("RAYLIB_TEST_CACHE", os.path.expanduser("~/.cache/raylib-tests"))
-    return build_tiny(os.path.join(cache, "tiny-llama-instruct"), pretrain_steps=600, instruct=True)
+    return build_tiny(os.path.join(cache, "tiny-llama-instruct"), pretrain_steps=800, instruct=True, **INSTRUCT_BASE)
 
 
 @pytest.mark.slow
 def test_one_svf_expert_per_domain_beats_the_base(instruct_tiny_model, tmp_path):
+    """Each domain's SVF expert beats the base on that domain's held-out rows by a margin of
+    6 of 200 exact matches (measured on an AVX512-BF16 CPU: arithmetic 0.12 -> 0.18, strings
+    0.81 -> 0.985, comparison 0.755 -> 0.90). 200 eval rows, not 60: one row is then half a
+    percentage point, so the margin is not one lucky answer."""
     from raylib.evaluation import exact_match
     from raylib.synthetic import DOMAINS, write_dataset
 
@@ -188,10 +202,10 @@ def test_one_svf_expert_per_domain_beats_the_base(instruct_tiny_model, tmp_path)
 
     results = {}
     for domain in DOMAINS:
-        data = write_dataset(str(tmp_path / domain), n_train=800, n_eval=60, domains=[domain])
+        data = write_dataset(str(tmp_path / domain), n_train=800, n_eval=200, domains=[domain])
         job = validate_job(job_dict(tiny_model, data, str(tmp_path / f"o-{domain}"),
                                     method={"name": "svf", "targets": "all-linear", "cache_dir": str(tmp_path / "c")},
-                                    train={"max_steps": 150, "checkpoint_every": 0, "eval_every": 0, "lr": 0.05,
+                                    train={"max_steps": 300, "checkpoint_every": 0, "eval_every": 0, "lr": 0.02,
                                            "batch_size": 8, "lr_scheduler": "constant"},
                                     output={"domain": domain}))
         session = PlainSession(str(tmp_path / f"ck-{domain}"))
@@ -202,7 +216,7 @@ def test_one_svf_expert_per_domain_beats_the_base(instruct_tiny_model, tmp_path)
         expert = get_method("svf").load(load_model(job.model), os.path.join(session.reports[-1]["checkpoint"], "expert"))
         results[domain] = (base_em, exact_match(expert, tok, rows))
     print("exact match (base, expert):", results)
-    assert all(e > b for b, e in results.values()), results
+    assert all(e >= b + 0.03 for b, e in results.values()), results
 
 
 @pytest.mark.parametrize("forward", ["rebuild", "factored"])
