@@ -79,12 +79,12 @@ def build_optimizer(model, train_cfg):
     if name == "adamw_8bit":
         return bnb.optim.AdamW8bit(groups, lr=train_cfg.lr)
     if name == "paged_adamw_8bit":
-        if groups[0]["params"][0].device.type != "cuda":
+        device_type = groups[0]["params"][0].device.type
+        if device_type != "cuda":
             # bitsandbytes pages optimizer state through CUDA unified memory only; elsewhere it
             # warns on every step and runs unpaged. Say it once, in our words, and run that.
             logging.getLogger("raylib.backends").info(
-                "optimizer paged_adamw_8bit: paging needs CUDA, so on %s it steps as adamw_8bit",
-                groups[0]["params"][0].device.type)
+                "optimizer paged_adamw_8bit: paging needs CUDA, so on %s it steps as adamw_8bit", device_type)
             return bnb.optim.AdamW8bit(groups, lr=train_cfg.lr)
         return bnb.optim.PagedAdamW8bit(groups, lr=train_cfg.lr)
     raise ValueError(f"unknown optimizer {name!r}")
