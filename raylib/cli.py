@@ -105,11 +105,13 @@ def validate(job_yaml: str, overrides: tuple[str, ...]) -> None:
 @main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False), default="models/tiny-llama")
 @click.option("--seed", default=0, show_default=True)
-def tiny(out_dir: str, seed: int) -> None:
+@click.option("--instruct", is_flag=True, help="the 4-layer base pretrained partly in the alpaca template "
+              "(what SVF experts sharpen; about 6.5 minutes on 2 cores)")
+def tiny(out_dir: str, seed: int, instruct: bool) -> None:
     """Build a tiny Llama-style model + tokenizer at OUT_DIR (no hub needed)."""
-    from raylib.models import build_tiny
+    from raylib.models import build_instruct_tiny, build_tiny
 
-    click.echo(f"tiny model at {build_tiny(out_dir, seed=seed)}")
+    click.echo(f"tiny model at {(build_instruct_tiny if instruct else build_tiny)(out_dir, seed=seed)}")
 
 
 @main.command()

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import os
 import random
-from typing import Callable, Iterable
+import zlib
+from typing import Callable, Iterable, Literal
 
 _WORDS = (
     "lamp river stone cloud apple tiger bread chair glass light mouse paper piano plant "
@@ -53,8 +54,17 @@ DOMAINS: dict[str, Callable[[random.Random], dict]] = {
 }
 
 
-def make_rows(n: int, domains: Iterable[str] | None = None, seed: int = 0) -> list[dict]:
-    """`n` rows drawn round-robin from `domains` (all by default), deterministic in `seed`."""
+def in_test_split(row: dict) -> bool:
+    """A fixed fifth of each domain's prompts (by a hash of the prompt) is the test split:
+    with `split=`, train rows never ask what a test row asks (strings has only 52 prompts,
+    so draws from disjoint seeds alone would repeat them)."""
+    return zlib.crc32(f"{row['instruction']}|{row['input']}".encode()) % 5 == 0
+
+
+def make_rows(n: int, domains: Iterable[str] | None = None, seed: int = 0,
+              split: Literal["train", "test"] | None = None) -> list[dict]:
+    """`n` rows drawn round-robin from `domains` (all by default), deterministic in `seed`;
+    with `split`, only prompts of that side of `in_test_split`."""
     names = list(domains or DOMAINS)
     unknown = [d for d in names if d not in DOMAINS]
     if unknown:
@@ -63,7 +73,10 @@ def make_rows(n: int, domains: Iterable[str] | None = None, seed: int = 0) -> li
     rows = []
     for i in range(n):
         domain = names[i % len(names)]
-        rows.append({**DOMAINS[domain](rng), "domain": domain})
+        row = DOMAINS[domain](rng)
+        while split is not None and in_test_split(row) != (split == "test"):
+            row = DOMAINS[domain](rng)
+        rows.append({**row, "domain": domain})
     rng.shuffle(rows)
     return rows
 
@@ -79,13 +92,16 @@ def write_jsonl(rows: Iterable[dict], path: str) -> str:
 
 
 def write_dataset(
-    out_dir: str, n_train: int = 2000, n_eval: int = 200, domains: Iterable[str] | None = None, seed: int = 0
+    out_dir: str, n_train: int = 2000, n_eval: int = 200, domains: Iterable[str] | None = None, seed: int = 0,
+    held_out: bool = False,
 ) -> dict[str, str]:
-    """Write train.jsonl and eval.jsonl (disjoint seeds) under `out_dir`; return their paths."""
+    """Write train.jsonl and eval.jsonl (disjoint seeds) under `out_dir`; return their paths.
+    `held_out`: eval asks only test-split prompts, train none of them (`in_test_split`)."""
     domains = list(domains or DOMAINS)
+    train, test = ("train", "test") if held_out else (None, None)
     return {
-        "train": write_jsonl(make_rows(n_train, domains, seed), os.path.join(out_dir, "train.jsonl")),
-        "eval": write_jsonl(make_rows(n_eval, domains, seed + 10_000), os.path.join(out_dir, "eval.jsonl")),
+        "train": write_jsonl(make_rows(n_train, domains, seed, train), os.path.join(out_dir, "train.jsonl")),
+        "eval": write_jsonl(make_rows(n_eval, domains, seed + 10_000, test), os.path.join(out_dir, "eval.jsonl")),
     }
 
 

@@ -204,3 +204,18 @@ def test_too_long_examples_are_dropped_or_truncated(tok, tmp_path):
         seqs = data.to_sequences(data.tokenize_rows(rows, tok, job.data), job.data, report, seed=0)
         assert len(seqs) == kept and all(len(s["input_ids"]) <= 48 for s in seqs)
         assert report.too_long_dropped == dropped
+
+
+def test_held_out_synthetic_split_never_trains_on_a_test_prompt(tmp_path):
+    """The SVF quality benchmark's test split: no eval prompt is a training prompt, in any
+    domain (strings has 52 prompts, so disjoint seeds alone would repeat them all)."""
+    from raylib.synthetic import DOMAINS, write_dataset
+
+    for domain in DOMAINS:
+        paths = write_dataset(str(tmp_path / domain), n_train=400, n_eval=100, domains=[domain], held_out=True)
+        prompts = {name: {(r["instruction"], r["input"]) for r in map(json.loads, open(path))} for name, path in paths.items()}
+        assert prompts["eval"] and prompts["train"] and not prompts["eval"] & prompts["train"], domain
+    # without held_out, the strings eval set is all training prompts
+    paths = write_dataset(str(tmp_path / "plain"), n_train=400, n_eval=100, domains=["strings"])
+    prompts = {name: {(r["instruction"], r["input"]) for r in map(json.loads, open(path))} for name, path in paths.items()}
+    assert prompts["eval"] <= prompts["train"]

@@ -168,25 +168,15 @@ def test_svf_sft_trains_only_z_and_resumes_exactly(tiny_model, demo_data, tmp_pa
         torch.testing.assert_close(z, a[n])
 
 
-#: the instruct base's size: 4 layers of 128 (870k parameters). The 2-layer, 64-wide base the
-#: other tests use left SVF nothing to sharpen on some CPUs: there (AVX512-BF16), per-domain
-#: experts tied or lost to it (exact match on 60 rows, base -> expert: arithmetic 0.083 -> 0.083,
-#: strings 0.967 -> 0.950, comparison 0.317 -> 0.333), because its pretraining outcome, and
-#: so its per-domain skill, depends on the CPU's float kernels. At this size the base follows
-#: the template with real but partial skill in every domain.
-INSTRUCT_BASE = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2)
-
-
 @pytest.fixture(scope="session")
 def instruct_tiny_model() -> str:
     """A tiny base pretrained partly in the alpaca template (about 6.5 minutes on 2 cores,
     once per machine): it follows the format with a modest skill per domain, which SVF, only
     rescaling singular values, can sharpen. The default tiny base never saw the template."""
-    from raylib.models import build_tiny
+    from raylib.models import build_instruct_tiny
 
     cache = os.environ.get("RAYLIB_TEST_CACHE", os.path.expanduser("~/.cache/raylib-tests"))
-    return build_tiny(os.path.join(cache, "tiny-llama-instruct"), pretrain_steps=800, instruct=True, **INSTRUCT_BASE)
+    return build_instruct_tiny(os.path.join(cache, "tiny-llama-instruct"))
 
 
 @pytest.mark.slow
