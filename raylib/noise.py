@@ -81,6 +81,38 @@ def install() -> None:
     _installed = True
 
 
+def quiet_libraries(device_type: str = "cpu") -> None:
+    """Before a run (training loop, tiny-model build) loads models: transformers and
+    datasets at WARNING without progress bars (raylib reports progress itself), raylib's
+    own logger on stderr, Ray Train's per-report INFO off. On CPU, DeepSpeed (imported by
+    accelerate and by transformers' save_pretrained) is told the accelerator instead of
+    detecting it and warning "Setting accelerator to CPU" on machines without a GPU."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    ours = logging.getLogger("raylib")
+    if not ours.handlers:  # only our logger: the root logger carries Ray's INFO chatter
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+    try:  # Ray Train logs every report at INFO under a logger named by its file path
+        from ray.train.v2._internal.execution import context as ray_context
+
+        logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
 def is_ray_driver_noise(line: str) -> bool:
     return any(text in line for text, _why in RAY_DRIVER_NOISE)
 

@@ -89,10 +89,12 @@ def _build(family: str, out_dir: str, seed: int, settings: dict, marker: str) ->
     from transformers import AutoModelForCausalLM
 
     from raylib.models import build_tokenizer
+    from raylib.noise import quiet_libraries
     from raylib.synthetic import tokenizer_corpus
 
     tok = build_tokenizer(tokenizer_corpus(seed=seed), VOCAB)
     cfg = tiny_config(family, tok)
+    quiet_libraries("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     if os.path.isdir(out_dir):

@@ -18,7 +18,7 @@ import tempfile
 import time
 from typing import Any
 
-from raylib import backends, checkpointing, models
+from raylib import backends, checkpointing, models, noise
 from raylib.checkpointing import TrainState
 from raylib.experts import ExpertInfo
 from raylib.methods import get_method
@@ -108,9 +108,7 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     from transformers import get_scheduler
 
     device_type = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    if device_type == "cpu":  # tell DeepSpeed (imported by accelerate) instead of letting it warn
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    _quiet_libraries()
+    noise.quiet_libraries(device_type)
     torch.manual_seed(job.train.seed)
     accelerator = backends.make_accelerator(job, device_type)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -337,26 +335,3 @@ def _worker_node_ids(world: int) -> list[str]:
         dist.all_gather_object(ids, node)
         return [str(i) for i in ids]
     return [node]
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
-    import transformers
-
-    transformers.utils.logging.set_verbosity_warning()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    ours = logging.getLogger("raylib")
-    if not ours.handlers:  # only our logger: the root logger carries Ray's INFO chatter
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        ours.addHandler(handler)
-        ours.setLevel(logging.INFO)
-        ours.propagate = False
-    try:  # Ray Train logs every report at INFO under a logger named by its file path
-        from ray.train.v2._internal.execution import context as ray_context
-
-        logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
-    except ImportError:
-        pass

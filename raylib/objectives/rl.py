@@ -334,13 +334,12 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     from raylib import checkpointing, models
     from raylib.checkpointing import TrainState
     from raylib.objectives.rewards import resolve
-    from raylib.train_loop import _checkpoint, _quiet_libraries, steady_step_time
+    from raylib.noise import quiet_libraries
+    from raylib.train_loop import _checkpoint, steady_step_time
 
     obj = job.objective
     device_type = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    if device_type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    _quiet_libraries()
+    quiet_libraries(device_type)
     policy = build_policy(job, device_type)
     accelerator, method, tokenizer, unwrapped = policy.accelerator, policy.method, policy.tokenizer, policy.unwrapped
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -448,10 +447,11 @@ def run_grpo(job, session, use_gpu: bool = False) -> dict[str, Any]:
     from raylib.methods import get_method
     from raylib.methods.peft_methods import PeftMethod
     from raylib.objectives.rewards import resolve, score
-    from raylib.train_loop import _checkpoint, _quiet_libraries
+    from raylib.noise import quiet_libraries
+    from raylib.train_loop import _checkpoint
 
     obj = job.objective
-    _quiet_libraries()
+    quiet_libraries("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     torch.manual_seed(job.train.seed)
     reward_fn = resolve(obj.reward)
     tokenizer = models.load_tokenizer(job.model)
