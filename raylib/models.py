@@ -204,14 +204,17 @@ TINY_DEFAULTS = dict(
 )
 
 #: the instruct base (`raylib tiny --instruct`, the SVF test's and `jobs/bench/svf_quality.py`'s
-#: base): 4 layers of 128 (870k parameters), pretrained partly in the alpaca template, so it
-#: follows the format with real but partial skill in every domain, which SVF (only rescaling
-#: singular values) can sharpen. The default 2-layer, 64-wide base left SVF nothing to sharpen
-#: on some CPUs: its pretraining outcome, and so its per-domain skill, depends on the CPU's
-#: float kernels (on AVX512-BF16 per-domain experts tied or lost to it).
+#: base): 4 layers of 128 (870k parameters), pretrained on every domain in a plain format
+#: ("What is 3 + 4? => 7", always right) and in the alpaca template, where 2 of 3 answers apply
+#: the domain's other operation (reverse <-> uppercase, larger <-> smaller, + <-> -). So it has
+#: the skills but in the template mostly does the wrong thing: low exact match on every CPU,
+#: with the skill there for an expert to elicit (Transformer²'s premise). Recipe 1 (the
+#: template with right answers only) left its per-domain skill to the CPU's float kernels:
+#: strings at 0.81 on an AVX512-BF16 CPU and 1.0 on an AVX2 one, where SVF could not beat it.
 INSTRUCT_TINY = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2)
 INSTRUCT_PRETRAIN_STEPS = 800
+INSTRUCT_RECIPE = 2  # 2: the template's answers swap the domain's operation in 2 of 3 rows
 
 
 def build_instruct_tiny(out_dir: str, seed: int = 0) -> str:
@@ -268,7 +271,7 @@ def build_tiny(
 
     settings = {**TINY_DEFAULTS, **config_overrides, "seed": seed, "pretrain_steps": pretrain_steps, "recipe": TINY_RECIPE}
     if instruct:  # only then in the marker, so existing default builds stay valid
-        settings["instruct"] = True
+        settings["instruct"] = INSTRUCT_RECIPE
     marker = os.path.join(out_dir, "raylib_tiny.json")
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     with FileLock(os.path.abspath(out_dir) + ".lock"):  # concurrent builders wait, then reuse
@@ -286,6 +289,7 @@ def _build_tiny(out_dir: str, settings: dict, seed: int, pretrain_steps: int) ->
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from raylib.noise import quiet_libraries
     from raylib.synthetic import tokenizer_corpus
 
     marker = os.path.join(out_dir, "raylib_tiny.json")
@@ -299,6 +303,7 @@ def _build_tiny(out_dir: str, settings: dict, seed: int, pretrain_steps: int) ->
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
     )
+    quiet_libraries("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     with tempfile.TemporaryDirectory(prefix="raylib-tiny-") as tmp:
@@ -318,18 +323,19 @@ def _build_tiny(out_dir: str, settings: dict, seed: int, pretrain_steps: int) ->
 def _pretrain(model_dir: str, work_dir: str, steps: int, seed: int, instruct: bool = False) -> str:
     """Full fine-tuning on plain-text tasks with the raylib loop; returns the model dir."""
     from raylib.config import validate_job
-    from raylib.synthetic import make_rows, write_jsonl
+    from raylib.data import ALPACA
+    from raylib.synthetic import make_rows, swapped_answer, write_jsonl
     from raylib.train_loop import PlainSession, run
 
-    from raylib.data import ALPACA
-
-    # instruct=True: part of the rows in the instruction template the jobs use, so the base
-    # follows the format with a modest skill per domain (room for domain experts to improve);
-    # strings (memorisable: 26 words) get the template rarely, or the base would ace them
+    # instruct=True: half the rows in the instruction template the jobs use, and in 2 of 3 of
+    # those the answer applies the domain's other operation (synthetic.swapped_answer). The
+    # base so has each skill (the plain rows are always right) and a habit in the template
+    # that hides it: a gap between what it can do and what it does that does not depend on
+    # the CPU's float kernels, which is what a domain expert closes (INSTRUCT_TINY)
     def text(i: int, r: dict) -> str:
-        templated = instruct and i % (6 if r["domain"] == "strings" else 2) == 0
-        if templated:
-            return ALPACA.prompt(r["instruction"], r["input"]) + r["output"] + ALPACA.end
+        if instruct and i % 2 == 0:
+            answer = swapped_answer(r) if (i // 2) % 3 else r["output"]
+            return ALPACA.prompt(r["instruction"], r["input"]) + answer + ALPACA.end
         return f"{r['instruction']} {r['input']} => {r['output']}".replace("  ", " ")
 
     rows = [{"text": text(i, r)} for i, r in enumerate(make_rows(4000, seed=seed + 777))]

@@ -54,11 +54,31 @@ DOMAINS: dict[str, Callable[[random.Random], dict]] = {
 }
 
 
+def swapped_answer(row: dict) -> str:
+    """The answer of the row's domain's other operation: reverse <-> uppercase, larger <->
+    smaller, + <-> - (|a - b|). The instruct base's template habit (`models.INSTRUCT_TINY`)."""
+    text, word = row["instruction"], row["input"]
+    if text.startswith("Reverse"):
+        return word.upper()
+    if text.startswith("Uppercase"):
+        return word[::-1]
+    numbers = [int(t) for t in text.replace("?", " ").replace(":", " ").split() if t.isdigit()]
+    a, b = numbers
+    if "larger" in text:
+        return str(min(a, b))
+    if "smaller" in text:
+        return str(max(a, b))
+    return str(abs(a - b)) if " + " in text else str(a + b)
+
+
 def in_test_split(row: dict) -> bool:
-    """A fixed fifth of each domain's prompts (by a hash of the prompt) is the test split:
-    with `split=`, train rows never ask what a test row asks (strings has only 52 prompts,
-    so draws from disjoint seeds alone would repeat them)."""
-    return zlib.crc32(f"{row['instruction']}|{row['input']}".encode()) % 5 == 0
+    """A fixed fifth of each domain's prompts (by a hash) is the test split: with `split=`,
+    train rows never ask what a test row asks (strings has only 52 prompts, so draws from
+    disjoint seeds alone would repeat them). Strings split by word, not by prompt: with
+    "reverse lamp" in train and "uppercase lamp" in test, a model learns which operation
+    goes with which word instead of reading the instruction."""
+    key = row["input"] or row["instruction"]
+    return zlib.crc32(key.encode()) % 5 == 0
 
 
 def make_rows(n: int, domains: Iterable[str] | None = None, seed: int = 0,

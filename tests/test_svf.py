@@ -181,10 +181,13 @@ def instruct_tiny_model() -> str:
 
 @pytest.mark.slow
 def test_one_svf_expert_per_domain_beats_the_base(instruct_tiny_model, tmp_path):
-    """Each domain's SVF expert beats the base on that domain's held-out rows by a margin of
-    6 of 200 exact matches (measured on an AVX512-BF16 CPU: arithmetic 0.12 -> 0.18, strings
-    0.81 -> 0.985, comparison 0.755 -> 0.90). 200 eval rows, not 60: one row is then half a
-    percentage point, so the margin is not one lucky answer."""
+    """Each domain's SVF expert beats the base on that domain's held-out test split (no test
+    prompt, and for strings no test word, is a training prompt) by at least 0.05 exact match.
+    The instruct base has every skill but mostly the wrong habit in the template
+    (`models.INSTRUCT_TINY`), so its exact match there is low on any CPU. Measured with
+    jobs/bench/svf_quality.py (these settings, 3 seeds, an AVX2 CPU): base -> SVF all-linear
+    arithmetic 0.032 -> 0.167, strings 0.207 -> 0.380, comparison 0.250 -> 0.570, the worst
+    seed's margin 0.095."""
     from raylib.evaluation import exact_match
     from raylib.synthetic import DOMAINS, write_dataset
 
@@ -192,10 +195,10 @@ def test_one_svf_expert_per_domain_beats_the_base(instruct_tiny_model, tmp_path)
 
     results = {}
     for domain in DOMAINS:
-        data = write_dataset(str(tmp_path / domain), n_train=800, n_eval=200, domains=[domain])
+        data = write_dataset(str(tmp_path / domain), n_train=800, n_eval=200, domains=[domain], held_out=True)
         job = validate_job(job_dict(tiny_model, data, str(tmp_path / f"o-{domain}"),
                                     method={"name": "svf", "targets": "all-linear", "cache_dir": str(tmp_path / "c")},
-                                    train={"max_steps": 300, "checkpoint_every": 0, "eval_every": 0, "lr": 0.02,
+                                    train={"max_steps": 300, "checkpoint_every": 0, "eval_every": 0, "lr": 0.05,
                                            "batch_size": 8, "lr_scheduler": "constant"},
                                     output={"domain": domain}))
         session = PlainSession(str(tmp_path / f"ck-{domain}"))
@@ -206,7 +209,7 @@ def test_one_svf_expert_per_domain_beats_the_base(instruct_tiny_model, tmp_path)
         expert = get_method("svf").load(load_model(job.model), os.path.join(session.reports[-1]["checkpoint"], "expert"))
         results[domain] = (base_em, exact_match(expert, tok, rows))
     print("exact match (base, expert):", results)
-    assert all(e >= b + 0.03 for b, e in results.values()), results
+    assert all(e >= b + 0.05 for b, e in results.values()), results
 
 
 @pytest.mark.parametrize("forward", ["rebuild", "factored"])
