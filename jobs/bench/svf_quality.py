@@ -23,7 +23,8 @@ base model classifies each request, `serve.strategies.PromptClassifier`), classi
 Prints both tables, mean ± spread (min..max) over seeds, writes a plot (svf_quality.png in
 --work) and ends with one JSON line:
 {"domains": {d: {"base", "lora", "svf"}}, "unseen": {"base", "best_single", "prompt", "classifier", "cem"}}
-where lora/svf are the SFT means of LoRA and of the better SVF target set (also named).
+where lora/svf are the SFT means (REINFORCE's when only it ran) of LoRA and of the better SVF
+target set (also named).
 """
 
 from __future__ import annotations
@@ -271,10 +272,11 @@ def main() -> None:
         print(f"plot: {os.path.join(run_dir, 'svf_quality.png')}")
     print(f"total {time.time() - started:.0f} s")
 
-    svf_cols = [c for c in ("svf-mlp/sft", "svf-all/sft") if c in table[DOMAINS[0]]]
+    obj = "sft" if "sft" in args.objectives else args.objectives[0]  # the summary's objective
+    svf_cols = [c for c in (f"svf-mlp/{obj}", f"svf-all/{obj}") if c in table[DOMAINS[0]]]
     best_svf = max(svf_cols, key=lambda c: sum(statistics.mean(table[d][c]) for d in DOMAINS)) if svf_cols else None
     summary = {"domains": {d: {"base": round(statistics.mean(table[d]["base"]), 4),
-                               **({"lora": round(statistics.mean(table[d]["lora/sft"]), 4)} if "lora/sft" in table[d] else {}),
+                               **({"lora": round(statistics.mean(table[d][f"lora/{obj}"]), 4)} if f"lora/{obj}" in table[d] else {}),
                                **({"svf": round(statistics.mean(table[d][best_svf]), 4)} if best_svf else {})}
                            for d in DOMAINS},
                "svf_targets": best_svf, "seeds": args.seeds, "steps": args.steps,
