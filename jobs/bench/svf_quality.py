@@ -116,7 +116,7 @@ def unseen_task(base: str, experts: dict[str, str], work: str, seed: int, args) 
     from raylib.models import load_model, load_tokenizer
     from raylib.search.cem import CEMOptions, run_cem
     from raylib.synthetic import make_rows, write_jsonl
-    from serve.classifier import train_classifier
+    from serve.classifier import row_text, train_classifier
     from serve.config import RouterConfig
     from serve.strategies import ClassifierStrategy, PromptClassifier
 
@@ -126,28 +126,29 @@ def unseen_task(base: str, experts: dict[str, str], work: str, seed: int, args) 
     mcfg = ModelConfig(path=base)
     tok = load_tokenizer(mcfg)
     models = {d: get_method("svf").load(load_model(mcfg), e) for d, e in experts.items()}
+    base_model = load_model(mcfg)
 
-    def routed(route) -> float:
-        by = {}
-        for r in test:
-            by.setdefault(route(r), []).append(r)
-        hits = sum(exact_match(models[d] if d in models else load_model(mcfg), tok, rs) * len(rs) for d, rs in by.items())
-        return hits / len(test)
+    def routed(routes: list) -> float:
+        """Exact match with each test row answered by its routed expert (None: the base)."""
+        by: dict = {}
+        for r, d in zip(test, routes):
+            by.setdefault(d, []).append(r)
+        return sum(exact_match(models.get(d, base_model), tok, rs) * len(rs) for d, rs in by.items()) / len(test)
 
     singles = {d: exact_match(m, tok, test) for d, m in models.items()}
     prompt = PromptClassifier(base, list(experts), RouterConfig(strategy="prompt"))
+    prompt_routes = [prompt.route(row_text(r))[0] for r in test]
     clf_dir = os.path.join(work, "classifier")
     train_classifier(train, clf_dir, seed=seed)
     clf = ClassifierStrategy(clf_dir, list(experts), 0.0)
-    text = lambda r: f"{r['instruction']} {r['input']}".strip()  # noqa: E731
     cem = run_cem(list(experts.values()), fewshot, os.path.join(work, "cem"),
                   CEMOptions(population=args.population, iterations=args.iterations, seed=seed, actors=args.jobs))
     return {
-        "base": exact_match(load_model(mcfg), tok, test),
+        "base": exact_match(base_model, tok, test),
         "best_single": max(singles.values()), "best_single_domain": max(singles, key=singles.get),
-        "prompt": routed(lambda r: prompt.route(text(r))[0]),
-        "prompt_routing_accuracy": sum(prompt.route(text(r))[0] == r["domain"] for r in test) / len(test),
-        "classifier": routed(lambda r: clf.route(text(r))[0]),
+        "prompt": routed(prompt_routes),
+        "prompt_routing_accuracy": sum(d == r["domain"] for d, r in zip(prompt_routes, test)) / len(test),
+        "classifier": routed([clf.route(row_text(r))[0] for r in test]),
         "cem": exact_match(get_method("svf").load(load_model(mcfg), cem.expert_dir), tok, test),
         "cem_alphas": [round(a, 3) for a in cem.alphas],
     }
