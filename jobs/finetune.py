@@ -9,14 +9,11 @@ temporary copy that Ray deletes. Any failure (invalid job, a worker, a reward fu
 final save or upload) exits non-zero, so `ray job status` reports FAILED.
 """
 
-import os
 import sys
 
-# the submitted working_dir's raylib wins over an installed one
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from raylib.cli import main  # noqa: E402
-from raylib.job_entry import argv_with_job_file  # noqa: E402
+# Ray puts the submitted working_dir first on PYTHONPATH, so its raylib wins over an installed one
+from raylib.cli import main
+from raylib.job_entry import argv_with_job_file
 
 if __name__ == "__main__":
     # `--job-env VAR`: the job YAML is in $VAR (how `raylib submit` sends it)

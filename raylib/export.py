@@ -24,7 +24,7 @@ import os
 import click
 
 from raylib.errors import ConfigError, RaylibError
-from raylib.experts import ExpertInfo, is_expert, read_expert, write_expert_json
+from raylib.experts import is_expert, read_expert, write_expert_json
 
 
 class ExportFailed(RaylibError):

@@ -1,5 +1,6 @@
 """`raylib serve CONFIG`: validate a serve config, start Ray Serve on 127.0.0.1 (by default)
-and deploy the router + expert app from the repository's `serve/` package."""
+and deploy the router + expert app of `raylib.serve` (the repository's `serve/` folder, mapped
+into the package by pyproject.toml, so Ray's workers import it from the installed raylib)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,6 @@ import sys
 import threading
 
 import click
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _import_serve():
-    """`serve/` sits next to `raylib/` at the repository top; make it importable here and in
-    the Ray workers of a local Ray (PYTHONPATH) even when raylib was installed elsewhere."""
-    try:
-        import serve.app  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, REPO)
-        import serve.app  # noqa: F401
-    return serve.app
 
 
 @click.command("serve")
@@ -36,8 +24,8 @@ def _import_serve():
 @click.option("--check", is_flag=True, help="validate the config and exit")
 def serve_command(config, single_device, host, port, address, overrides, check):
     """Serve the experts in CONFIG behind a router with an OpenAI-compatible API."""
-    app = _import_serve()
-    from serve.config import load_serve_config
+    from raylib.serve import app
+    from raylib.serve.config import load_serve_config
 
     overrides = list(overrides)
     if host:
@@ -53,8 +41,7 @@ def serve_command(config, single_device, host, port, address, overrides, check):
     import ray
 
     if not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
-        path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+        ray.init(address="local", include_dashboard=False)
     app.run(cfg, address=address, blocking=False)
     url = f"http://{cfg.http.host}:{cfg.http.port}{cfg.route_prefix.rstrip('/')}"
     click.echo(f"serving {sorted(cfg.experts)} (+ base, auto) at {url}/v1  (Ctrl-C stops)", err=False)

@@ -1,8 +1,8 @@
 """The Serve application: `build_app(args)` builds router + expert deployments from a raylib
-serve config. Ray Serve's own tooling names it as `serve.app:build_app`:
+serve config. Ray Serve's own tooling names it as `raylib.serve.app:build_app`:
 
-    serve run serve.app:build_app config=serve/config.yaml
-    serve deploy serve/serve_config.yaml        # applications[].import_path: serve.app:build_app
+    serve run raylib.serve.app:build_app config=serve/config.yaml
+    serve deploy serve/serve_config.yaml        # applications[].import_path: raylib.serve.app:build_app
 
 and a KubeRay RayService uses the same `serveConfigV2` application entry. `raylib serve`
 (`run()` below) validates the config, starts Serve on 127.0.0.1 and deploys the same app.
@@ -20,7 +20,7 @@ import logging
 import os
 from typing import Any
 
-from serve.config import BASE, ExpertSpec, ServeConfig, load_serve_config, resolve_paths, validate_serve_config
+from raylib.serve.config import BASE, ExpertSpec, ServeConfig, load_serve_config, resolve_paths, validate_serve_config
 
 log = logging.getLogger("raylib.serve")
 
@@ -48,13 +48,11 @@ def use_single_device(cfg: ServeConfig) -> bool:
     return torch.cuda.device_count() <= 1
 
 
-def _options(spec: ExpertSpec, name: str, runtime_env: dict | None = None) -> dict:
+def _options(spec: ExpertSpec, name: str) -> dict:
     a = spec.autoscaling
     actor = {"num_cpus": spec.resources.num_cpus, "num_gpus": spec.resources.num_gpus}
     if spec.resources.memory:
         actor["memory"] = spec.resources.memory
-    if runtime_env:
-        actor["runtime_env"] = runtime_env
     return {
         "name": name,
         "autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
@@ -66,15 +64,15 @@ def _options(spec: ExpertSpec, name: str, runtime_env: dict | None = None) -> di
 
 
 def build_app(args: dict[str, Any]):
-    """The application builder Ray Serve calls (`import_path: serve.app:build_app`): exactly one
+    """The application builder Ray Serve calls (`import_path: raylib.serve.app:build_app`): exactly one
     parameter, the `args` dict of the Serve config / `serve run ... key=value`."""
     return build_application(config_from_args(args))
 
 
-def build_application(cfg: ServeConfig, single_device: bool | None = None, runtime_env: dict | None = None):
+def build_application(cfg: ServeConfig, single_device: bool | None = None):
     """The Serve Application (router ingress bound to its expert deployments)."""
-    from serve.expert import ExpertReplica
-    from serve.router import Router
+    from raylib.serve.expert import ExpertReplica
+    from raylib.serve.router import Router
 
     single = use_single_device(cfg) if single_device is None else single_device
     specs = cfg.expert_specs()
@@ -84,22 +82,21 @@ def build_application(cfg: ServeConfig, single_device: bool | None = None, runti
     deployments, where = {}, {}
     base = cfg.base_spec()
     if single:
-        deployments["experts"] = ExpertReplica.options(**_options(base, "experts", runtime_env)).bind(
+        deployments["experts"] = ExpertReplica.options(**_options(base, "experts")).bind(
             experts={n: s.path for n, s in specs.items()}, threads=_threads(base), **common)
         where = {n: "experts" for n in [*specs, BASE]}
     else:
         for name, spec in specs.items():
             dep = f"expert-{name}"
-            deployments[dep] = ExpertReplica.options(**_options(spec, dep, runtime_env)).bind(
+            deployments[dep] = ExpertReplica.options(**_options(spec, dep)).bind(
                 experts={name: spec.path}, include_base=False, threads=_threads(spec), **common)
             where[name] = dep
-        deployments["base"] = ExpertReplica.options(**_options(base, "base", runtime_env)).bind(
+        deployments["base"] = ExpertReplica.options(**_options(base, "base")).bind(
             experts={}, threads=_threads(base), **common)
         where[BASE] = "base"
     r = cfg.router
     router_opts = {"name": "router", "num_replicas": r.num_replicas,
-                   "ray_actor_options": {"num_cpus": r.resources.num_cpus,
-                                         **({"runtime_env": runtime_env} if runtime_env else {})}}
+                   "ray_actor_options": {"num_cpus": r.resources.num_cpus}}
     log.info("serve app: %s mode, deployments %s", "single-device" if single else "multi-deployment", sorted(deployments))
     return Router.options(**router_opts).bind(cfg.model_dump(), deployments, where)
 
@@ -120,7 +117,5 @@ def run(cfg: ServeConfig, single_device: bool | None = None, address: str | None
         else:
             ray.init(address="local", include_dashboard=False)
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
-    app = build_application(cfg, single_device, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    app = build_application(cfg, single_device)  # the workers import raylib.serve from the installed raylib
     return serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)

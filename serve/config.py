@@ -29,7 +29,6 @@ import ipaddress
 import os
 from typing import Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
 from raylib.errors import ConfigError
@@ -99,7 +98,7 @@ class RouterConfig(_Strict):
     examples: list[tuple[str, str]] = Field(default_factory=list)
     #: prompt: subtract each label's log-likelihood under a content-free request (calibration)
     calibrate: bool = True
-    #: classifier: a classifier dir written by raylib (serve.classifier), or labelled jsonl to train one
+    #: classifier: a classifier dir written by raylib (raylib.serve.classifier), or labelled jsonl to train one
     classifier: str | None = None
     classifier_data: str | None = None
     classifier_label_field: str = "domain"
@@ -247,7 +246,7 @@ def _check_paths(cfg: ServeConfig) -> None:
     if r.strategy == "classifier":
         if r.classifier and not os.path.isdir(r.classifier) and not r.classifier_data:
             raise ConfigError("router.classifier", f"{r.classifier!r} does not exist and no classifier_data to train it",
-                              "train one with serve.classifier or set router.classifier_data")
+                              "train one with raylib.serve.classifier or set router.classifier_data")
         if r.classifier_data and not os.path.isfile(r.classifier_data):
             raise ConfigError("router.classifier_data", f"{r.classifier_data!r} does not exist", "give a jsonl file")
 

@@ -21,7 +21,7 @@ class ExpertReplica:
                  threads: int | None = None, mix_cache: int = 4):
         import torch
 
-        from serve.engine import Engine
+        from raylib.serve.engine import Engine
 
         torch.set_num_threads(max(1, threads or 1))
         self.engine = Engine(base_model, experts, base_template, dtype, include_base=include_base, mix_cache=mix_cache)

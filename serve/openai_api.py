@@ -15,7 +15,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serve.config import AUTO, Limits
+from raylib.serve.config import AUTO, Limits
 
 
 class ApiError(Exception):

@@ -34,8 +34,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from serve import openai_api as api
-from serve.config import AUTO, BASE, MIX, ServeConfig
+from raylib.serve import openai_api as api
+from raylib.serve.config import AUTO, BASE, MIX, ServeConfig
 
 log = logging.getLogger("raylib.serve")
 app = FastAPI(title="raylib serve", docs_url=None, redoc_url=None)
@@ -80,7 +80,7 @@ class Router:
     def __init__(self, config: dict, deployments: dict, model_to_deployment: dict[str, str]):
         from transformers import AutoTokenizer
 
-        from serve.strategies import build_strategy
+        from raylib.serve.strategies import build_strategy
 
         self.cfg = ServeConfig.model_validate(config)
         self.handles = deployments
@@ -305,7 +305,7 @@ class Router:
                                     "expert table)", code="admin_unsupported")
 
     def _describe(self, name: str) -> dict:
-        from serve.strategies import Keywords
+        from raylib.serve.strategies import Keywords
 
         kw = self.strategy.keywords.get(name) if isinstance(self.strategy, Keywords) else None
         return {"name": name, "source": self.sources.get(name), "added_by": self.added_by.get(name),
@@ -323,8 +323,8 @@ class Router:
     async def add_expert(self, request: Request):
         from raylib.errors import ConfigError
         from raylib.experts import read_expert, resolve_expert
-        from serve.config import _servable
-        from serve.strategies import Keywords
+        from raylib.serve.config import _servable
+        from raylib.serve.strategies import Keywords
 
         try:
             self._admin_auth(request)
@@ -366,7 +366,7 @@ class Router:
 
     @app.delete("/admin/experts/{name}")
     async def delete_expert(self, name: str, request: Request):
-        from serve.strategies import Keywords
+        from raylib.serve.strategies import Keywords
 
         try:
             self._admin_auth(request)

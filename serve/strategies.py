@@ -8,7 +8,7 @@ only wires them up. Each `route(text)` returns (name or None, detail dict for th
 - prompt: the base model scores each domain label after a classification prompt (as in
   seed 000's `classify_prompt`), label log-likelihoods calibrated by subtracting each label's
   log-likelihood for a content-free request (Zhao et al., 2021, "Calibrate before use");
-- classifier: the small hashed-n-gram classifier from `serve.classifier`;
+- classifier: the small hashed-n-gram classifier from `raylib.serve.classifier`;
 - cem: every auto request goes to the composed expert `raylib cem` wrote.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 
-from serve.config import RouterConfig
+from raylib.serve.config import RouterConfig
 
 log = logging.getLogger("raylib.serve")
 
@@ -67,7 +67,7 @@ class ClassifierStrategy(Strategy):
     name = "classifier"
 
     def __init__(self, path: str, names: list[str], min_confidence: float):
-        from serve.classifier import Classifier
+        from raylib.serve.classifier import Classifier
 
         self.clf, self.names, self.min_confidence = Classifier(path), set(names), min_confidence
 
@@ -146,7 +146,7 @@ def build_strategy(cfg, names: list[str]) -> Strategy:
     if r.strategy == "cem":
         return Cem(r.cem_expert)
     if r.strategy == "classifier":
-        from serve.classifier import ensure_classifier
+        from raylib.serve.classifier import ensure_classifier
 
         return ClassifierStrategy(ensure_classifier(r.classifier, r.classifier_data, r.classifier_label_field),
                                   names, r.min_confidence)

@@ -105,8 +105,8 @@ def _config(tiny_model, experts, labelled, port, **extra) -> dict:
 @pytest.fixture(scope="module")
 def app(serve_ray, tiny_model, serve_experts, cem_expert, labelled):
     """The single-device app every fast test talks to: base URL + config."""
-    from serve.app import run
-    from serve.config import validate_serve_config
+    from raylib.serve.app import run
+    from raylib.serve.config import validate_serve_config
 
     port = free_port()
     cfg = validate_serve_config(_config(tiny_model, {**serve_experts, "cem": cem_expert}, labelled, port))
@@ -143,7 +143,7 @@ def _client(app):
 
 def test_config_errors_name_the_field(tiny_model, serve_experts, tmp_path):
     from raylib.errors import ConfigError
-    from serve.config import validate_serve_config
+    from raylib.serve.config import validate_serve_config
 
     ok = {"base_model": tiny_model, "experts": dict(serve_experts),
           "router": {"strategy": "keywords", "keywords": {"arithmetic": ["+"]}}}
@@ -175,13 +175,13 @@ def test_config_errors_name_the_field(tiny_model, serve_experts, tmp_path):
 
 
 def test_build_app_is_a_serve_application_builder(tiny_model, serve_experts, tmp_path):
-    """`serve run serve.app:build_app config=...` / a Serve config file's import_path: Serve
+    """`serve run raylib.serve.app:build_app config=...` / a Serve config file's import_path: Serve
     calls the builder with the args dict (config file + overrides, or an inline config)."""
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve.deployment import Application
 
     from raylib.errors import ConfigError
-    from serve.app import build_app
+    from raylib.serve.app import build_app
 
     cfg = {"base_model": tiny_model, "experts": dict(serve_experts),
            "router": {"strategy": "keywords", "keywords": {"strings": ["reverse"]}}}
@@ -195,9 +195,9 @@ def test_build_app_is_a_serve_application_builder(tiny_model, serve_experts, tmp
 
 def test_strategies_route_synthetic_domains(tiny_model, serve_experts, labelled):
     from raylib.synthetic import make_rows
-    from serve.classifier import row_text
-    from serve.config import validate_serve_config
-    from serve.strategies import Keywords, build_strategy
+    from raylib.serve.classifier import row_text
+    from raylib.serve.config import validate_serve_config
+    from raylib.serve.strategies import Keywords, build_strategy
 
     names = list(DOMAINS)
     rows = make_rows(60, seed=99)  # other seeds than the classifier's training rows
@@ -224,7 +224,7 @@ def test_single_device_engine_switches_without_reloading(tiny_model, serve_exper
     SVF switches are z copies (timed), and answers equal a one-expert engine's."""
     import torch
 
-    from serve.engine import Engine
+    from raylib.serve.engine import Engine
 
     torch.set_num_threads(1)
     engine = Engine(tiny_model, serve_experts)
@@ -350,8 +350,8 @@ def test_concurrent_requests_are_batched_and_answer_like_sequential_ones(app):
 
 @pytest.fixture(scope="module")
 def multi_app(app, tiny_model, serve_experts, labelled):
-    from serve.app import run
-    from serve.config import validate_serve_config
+    from raylib.serve.app import run
+    from raylib.serve.config import validate_serve_config
 
     cfg = validate_serve_config(_config(tiny_model, serve_experts, labelled, app["cfg"].http.port,
                                         app_name="multi", route_prefix="/multi", single_device=False,
@@ -574,8 +574,8 @@ def test_admin_endpoints_need_the_key(app, serve_ray, tiny_model):
     # an app without a key refuses admin calls altogether (it still serves)
     from ray import serve
 
-    from serve.app import build_application
-    from serve.config import validate_serve_config
+    from raylib.serve.app import build_application
+    from raylib.serve.config import validate_serve_config
 
     cpu = {"num_cpus": 0.1}
     cfg = validate_serve_config({"base_model": tiny_model, "router": {"strategy": "explicit", "resources": cpu},
@@ -645,7 +645,7 @@ def test_engine_without_experts_takes_them_in_place(tiny_model, serve_experts):
     run time wrap/decompose that model in place and answer like an engine built with them."""
     import torch
 
-    from serve.engine import Engine
+    from raylib.serve.engine import Engine
 
     torch.set_num_threads(1)
     names = ("strings", "arithmetic")

@@ -10,7 +10,7 @@ import json
 import os
 
 import pytest
-from helpers import REPO, job_dict, run_cli, run_python, stray_stderr as _stray_stderr, write_job
+from helpers import job_dict, run_cli, run_python, stray_stderr as _stray_stderr, write_job
 
 
 def _no_ray_started(proc) -> bool:
@@ -78,7 +78,7 @@ def test_missing_or_read_only_credentials_fail_the_preflight(s3_server, monkeypa
 @pytest.mark.slow
 def test_two_worker_job_on_s3_resumes_and_the_expert_loads_with_peft(s3_server, tmp_path, tiny_model, demo_data,
                                                                      monkeypatch):
-    env = {**s3_server.env("rw"), "PYTHONPATH": REPO}
+    env = s3_server.env("rw")
     job = _job(tmp_path, tiny_model, demo_data, "s3://bucket/run", scaling={"num_workers": 2},
                train={"max_steps": 6, "checkpoint_every": 3}, output={"domain": "mixed"})
     first = run_cli("train", job, env=env, timeout=900)

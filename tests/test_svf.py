@@ -123,8 +123,7 @@ print(type(m.model.layers[0].mlp.up_proj).__name__)
 @pytest.mark.parametrize("method,targets", [("svf", "mlp"), ("svf", "all-linear"), ("svf", "attn"),
                                             ("lora", "all-linear"), ("lora", "mlp")])
 def test_params_command_matches_the_real_model(tiny_model, tmp_path, method, targets):
-    proc = run_cli("params", tiny_model, "--method", method, "--targets", targets, "--r", "4", "--json",
-                   env={"PYTHONPATH": os.getcwd()})
+    proc = run_cli("params", tiny_model, "--method", method, "--targets", targets, "--r", "4", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     counted = json.loads(proc.stdout.strip().splitlines()[-1])
     if method == "svf":
@@ -139,7 +138,7 @@ def test_params_command_matches_the_real_model(tiny_model, tmp_path, method, tar
     assert counted["base"] == count_parameters(load_model(job.model))[1]
     # the same from a bare config.json
     proc = run_cli("params", os.path.join(tiny_model, "config.json"), "--method", method, "--targets", targets,
-                   "--r", "4", "--json", env={"PYTHONPATH": os.getcwd()})
+                   "--r", "4", "--json")
     assert json.loads(proc.stdout.strip().splitlines()[-1])["trainable"] == trainable
 
 

@@ -17,10 +17,7 @@ import json
 import os
 import platform
 import statistics
-import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def train_experts(model: str, work: str) -> list[str]:

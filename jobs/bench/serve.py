@@ -28,12 +28,10 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
 
 PROMPTS = {"arithmetic": "What is 12 + 7?", "strings": "Reverse the word.\n\nlamp",
            "comparison": "Which is larger: 37 or 52?", "base": "Tell me something."}
@@ -105,14 +103,14 @@ def main() -> None:
     from ray import serve
 
     from raylib.models import build_tiny
-    from serve.app import run
-    from serve.config import validate_serve_config
+    from raylib.serve.app import run
+    from raylib.serve.config import validate_serve_config
 
     torch.set_num_threads(1)
     model = build_tiny(os.path.join(args.work, "tiny-llama"))
     experts = train_experts(model, args.work)
     ray.init(address="local", include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": REPO, "TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     cpu = {"num_cpus": 0.1}
     import socket
 

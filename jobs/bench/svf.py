@@ -25,7 +25,6 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
 
 
 def bench_forward(shapes, token_counts, repeats: int) -> list[dict]:
@@ -61,7 +60,6 @@ def bench_forward(shapes, token_counts, repeats: int) -> list[dict]:
 
 _RUN = r"""
 import json, resource, sys
-sys.path.insert(0, {repo!r})
 from raylib.config import validate_job
 from raylib.train_loop import PlainSession, run, steady_step_time
 job = validate_job(json.loads({job!r}))

@@ -16,8 +16,8 @@ times are comparable with each other, not with a whole machine's).
 
 Table 2, an unseen task (the three domains' test prompts mixed; no expert was trained on the
 mixture): the base, the best single SVF expert (all-linear, SFT), prompt-based routing (the
-base model classifies each request, `serve.strategies.PromptClassifier`), classifier routing
-(`serve.classifier` trained on the domains' training rows) and CEM few-shot mixing
+base model classifies each request, `raylib.serve.strategies.PromptClassifier`), classifier routing
+(`raylib.serve.classifier` trained on the domains' training rows) and CEM few-shot mixing
 (`raylib cem` on `--fewshot` rows of the mixture's training side).
 
 Prints both tables, mean ± spread (min..max) over seeds, writes a plot (svf_quality.png in
@@ -40,7 +40,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
 
 DOMAINS = ("arithmetic", "strings", "comparison")
 
@@ -116,9 +115,9 @@ def unseen_task(base: str, experts: dict[str, str], work: str, seed: int, args) 
     from raylib.models import load_model, load_tokenizer
     from raylib.search.cem import CEMOptions, run_cem
     from raylib.synthetic import make_rows, write_jsonl
-    from serve.classifier import row_text, train_classifier
-    from serve.config import RouterConfig
-    from serve.strategies import ClassifierStrategy, PromptClassifier
+    from raylib.serve.classifier import row_text, train_classifier
+    from raylib.serve.config import RouterConfig
+    from raylib.serve.strategies import ClassifierStrategy, PromptClassifier
 
     test = make_rows(args.eval_rows, DOMAINS, seed + 20_000, "test")
     train = make_rows(args.rows, DOMAINS, seed + 30_000, "train")
