@@ -124,6 +124,8 @@ class Limits(_Strict):
     default_max_tokens: PositiveInt = 32
     max_body_bytes: PositiveInt = 1 << 16
     max_stop: PositiveInt = 4
+    max_choices: PositiveInt = 8  # prompts x n of one request
+    max_embedding_inputs: PositiveInt = 64  # texts per /v1/embeddings request
 
 
 class ServeConfig(_Strict):

@@ -58,6 +58,8 @@ class GenRequest:
     mix: dict[str, float] | None = None  # expert -> weight: serve a weighted mix of experts
     combination: str = "linear"  # LoRA mixes: PEFT add_weighted_adapter combination_type
     registry: dict[str, str] | None = None  # run-time experts (name -> path/URI) the router knows
+    seed: int | None = None  # sampling: the same seed gives the same text (the request runs alone)
+    logprobs: int | None = None  # None: none; k: each token's logprob and its k most likely alternatives
 
     @classmethod
     def of(cls, raw: dict | "GenRequest") -> "GenRequest":
@@ -210,7 +212,8 @@ class Engine:
     def _group_key(self, req: GenRequest) -> tuple:
         slot = self.slots[req.expert]
         model_key = id(slot.model) if slot.family in ("peft", "base-peft") else req.expert
-        return (model_key, req.temperature > 0, req.temperature, req.top_p, tuple(self._stops(req)), req.kind)
+        seeded = id(req) if req.temperature > 0 and req.seed is not None else None  # a seeded draw runs alone
+        return (model_key, req.temperature > 0, req.temperature, req.top_p, tuple(self._stops(req)), req.kind, seeded)
 
     def _gen_kwargs(self, req: GenRequest, max_new: int) -> dict:
         kw = dict(max_new_tokens=max_new, pad_token_id=self.tokenizer.pad_token_id,
@@ -409,8 +412,14 @@ class Engine:
         finally:
             tok.padding_side = side
         max_new = max(r.max_tokens for r in reqs)
+        kwargs = self._gen_kwargs(reqs[0], max_new)
+        with_logprobs = any(r.logprobs is not None for r in reqs)
+        if with_logprobs:
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
+        _seed(reqs[0])
         with torch.no_grad():
-            seqs = model.generate(**enc, **self._gen_kwargs(reqs[0], max_new), **extra)
+            out = model.generate(**enc, **kwargs, **extra)
+        seqs = out.sequences if with_logprobs else out
         width = enc["input_ids"].shape[1]
         results = []
         for j, r in enumerate(reqs):
@@ -426,9 +435,52 @@ class Engine:
                 finish = "stop"
             if r.kind == "chat":
                 text = text.strip()
-            results.append({"text": text, "finish_reason": finish, "expert": r.expert,
-                            "prompt_tokens": int(enc["attention_mask"][j].sum()), "completion_tokens": len(comp)})
+            res = {"text": text, "finish_reason": finish, "expert": r.expert,
+                   "prompt_tokens": int(enc["attention_mask"][j].sum()), "completion_tokens": len(comp)}
+            if r.logprobs is not None:
+                shown = self._shown_tokens(comp, text, r) if cut else len(comp)
+                res["logprobs"] = self._logprobs([step[j] for step in out.logits[:shown]], comp[:shown], r.logprobs)
+            results.append(res)
         return results
+
+    def _shown_tokens(self, comp: list[int], text: str, req: GenRequest) -> int:
+        """How many generated tokens the returned (stop-cut) text is made of."""
+        for m in range(len(comp) + 1):
+            piece = self.tokenizer.decode(comp[:m], skip_special_tokens=True)
+            if len(piece.strip() if req.kind == "chat" else piece) >= len(text):
+                return m
+        return len(comp)
+
+    def _logprobs(self, logits: list, tokens: list[int], k: int) -> list[dict]:
+        """Log-probabilities under the model itself (raw logits, before temperature / top-p,
+        as vLLM reports them by default): each token's and its k most likely alternatives."""
+        import torch
+
+        entries = []
+        for row, tid in zip(logits, tokens):
+            lp = torch.log_softmax(row.float(), dim=-1)
+            top = torch.topk(lp, k) if k else None
+            entries.append({"token": self.tokenizer.decode([tid]), "logprob": float(lp[tid]),
+                            "top": [] if top is None else [[self.tokenizer.decode([int(i)]), float(v)]
+                                                           for v, i in zip(top.values, top.indices)]})
+        return entries
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """One vector per text from the base model (adapters off, z = 1): the mean of the last
+        hidden layer over the text's tokens (padding masked), L2-normalised. Decoder LMs have
+        no pooled output; mean pooling is the usual choice and needs no extra weights.
+        Returns (vectors, input tokens)."""
+        import torch
+
+        with self._lock:
+            model, extra = self._select(BASE, [BASE] * len(texts))
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+            with torch.no_grad():
+                out = model(**enc, output_hidden_states=True, **extra)
+            hidden = out.hidden_states[-1].float()
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            vectors = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+        return vectors.tolist(), int(enc["attention_mask"].sum())
 
     def stream(self, raw_req) -> Iterator[dict]:
         """Streaming generation of one request: yields {"delta": text} pieces as tokens come
@@ -451,6 +503,7 @@ class Engine:
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
             kwargs = {**enc, **self._gen_kwargs(req, req.max_tokens), **extra, "streamer": streamer}
             result: dict = {}
+            _seed(req)
 
             def run():
                 try:
@@ -494,6 +547,14 @@ class Engine:
                 comp = comp[: comp.index(self.tokenizer.eos_token_id)]
             yield {"finish_reason": finish, "expert": req.expert, "prompt_tokens": enc["input_ids"].shape[1],
                    "completion_tokens": len(comp)}
+
+
+def _seed(req: GenRequest) -> None:
+    """Seed the sampler for a seeded request (it runs alone, under the engine lock)."""
+    if req.temperature > 0 and req.seed is not None:
+        import torch
+
+        torch.manual_seed(req.seed)
 
 
 def _message(exc: BaseException) -> str:

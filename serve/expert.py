@@ -44,6 +44,10 @@ class ExpertReplica:
                 return
             yield item
 
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """/v1/embeddings: base-model vectors (Engine.embed)."""
+        return await asyncio.to_thread(self.engine.embed, texts)
+
     async def add_expert(self, name: str, source: str) -> dict:
         """Admin: load an expert (path or URI) into this replica's engine, base weights shared."""
         return await asyncio.to_thread(self.engine.add_expert, name, source)

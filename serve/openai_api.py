@@ -3,7 +3,9 @@
 Requests are parsed by hand from the raw body (size checked first), then validated with
 pydantic, so every 4xx says what was wrong in OpenAI's error shape:
 `{"error": {"message": ..., "type": "invalid_request_error", "param": <field>, "code": ...}}`.
-Unknown request fields are ignored (clients send many optional ones).
+Unknown request fields are ignored (clients send many optional ones), but fields whose effect
+this server cannot give (`tools`, `response_format` other than text, penalties, ...) are a 400
+naming the field: never silently dropped.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import time
 import uuid
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from raylib.serve.config import AUTO, Limits
+from raylib.serve.config import AUTO, BASE, Limits
 
 
 class ApiError(Exception):
@@ -28,6 +30,19 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+#: fields clients may send that this server cannot honour: a 400 naming the field, never a
+#: silent no-op. Each maps to the values that mean "not used" (those pass).
+UNSUPPORTED: dict[str, tuple] = {
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "parallel_tool_calls": (None, False, True), "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
+    "reasoning_effort": (None,), "suffix": (None, ""), "echo": (None, False), "best_of": (None, 1),
+}
+WHY = {"tools": "no tool calling", "tool_choice": "no tool calling", "functions": "no tool calling",
+       "function_call": "no tool calling", "response_format": "no guided decoding (only {\"type\": \"text\"})"}
+
+
 class _Req(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str = AUTO
@@ -37,29 +52,90 @@ class _Req(BaseModel):
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: dict | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    #: choices per prompt; with a seed, choice i samples with seed + i
+    n: int = Field(1, ge=1)
+    #: same seed, same settings -> same text (sampling runs alone, seeded, on the replica)
+    seed: int | None = None
     #: raylib extension: with model "mix", the experts to mix and their weights
     experts: dict[str, float] | None = None
     #: LoRA mixes: PEFT add_weighted_adapter combination_type (SVF mixes are always linear)
     combination: Literal["linear", "cat"] = "linear"
 
+    def top_logprobs_wanted(self) -> int | None:
+        """How many alternatives per token to return (None: no logprobs)."""
+        raise NotImplementedError
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
+    #: a string or a list of text parts ({"type": "text", "text": ...}), joined with newlines
     content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v):
+        if v is None:
+            return ""
+        if isinstance(v, list):
+            texts = []
+            for i, part in enumerate(v):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(f"part {i} is {kind!r}: this server takes text parts "
+                                     '({"type": "text", "text": ...}) only')
+                texts.append(part["text"])
+            return "\n".join(texts)
+        return v
 
 
 class ChatRequest(_Req):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def top_logprobs_wanted(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs: set logprobs to true as well", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Req):
+    #: one prompt or a list of them (each gets n choices); token-id prompts are refused
     prompt: Union[str, list[str]]
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
-def parse(raw: bytes, schema: type[_Req], limits: Limits) -> _Req:
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings: vectors from the base model (see Engine.embed for the pooling)."""
+
+    model_config = ConfigDict(extra="ignore")
+    input: Union[str, list[str]]
+    model: str = BASE
+    encoding_format: Literal["float", "base64"] = "float"
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+def _refuse_unsupported(data: dict) -> None:
+    for name, unused in UNSUPPORTED.items():
+        if name in data and data[name] not in unused:
+            why = WHY.get(name, "this server does not implement it")
+            raise ApiError(400, f"{name}: not supported ({why}); remove the field", param=name,
+                           code="unsupported_parameter")
+
+
+def parse(raw: bytes, schema: type[BaseModel], limits: Limits) -> BaseModel:
     if len(raw) > limits.max_body_bytes:
         raise ApiError(413, f"request body is {len(raw)} bytes; the limit is {limits.max_body_bytes}", code="body_too_large")
     try:
@@ -68,17 +144,43 @@ def parse(raw: bytes, schema: type[_Req], limits: Limits) -> _Req:
         raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    if issubclass(schema, _Req):
+        _refuse_unsupported(data)
+    for field in ("prompt", "input"):  # token-id lists: the router routes on text
+        value = data.get(field)
+        if isinstance(value, list) and any(not isinstance(x, str) for x in value):
+            raise ApiError(400, f"{field}: token-id input is not supported; send text (a string or a list of strings)",
+                           param=field)
+    if "dimensions" in data and schema is EmbeddingRequest:
+        raise ApiError(400, "dimensions: not supported (the vectors have the base model's hidden size); remove "
+                            "the field", param="dimensions", code="unsupported_parameter")
     try:
         req = schema.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or None
         raise ApiError(400, f"{field}: {err['msg']}" if field else err["msg"], param=field) from None
-    if isinstance(req, CompletionRequest) and isinstance(req.prompt, list):
-        if len(req.prompt) != 1:
-            raise ApiError(400, "prompt: send one prompt per request", param="prompt")
-        req.prompt = req.prompt[0]
+    if isinstance(req, _Req):
+        _check_choices(req, limits)
     return req
+
+
+def _check_choices(req: _Req, limits: Limits) -> None:
+    prompts = len(req.prompts) if isinstance(req, CompletionRequest) else 1
+    if prompts == 0:
+        raise ApiError(400, "prompt: the list is empty", param="prompt")
+    if prompts * req.n > limits.max_choices:
+        raise ApiError(400, f"n: {prompts} prompt(s) x n={req.n} choices is above this server's cap of "
+                            f"{limits.max_choices}", param="n")
+    if req.stream:
+        if req.n > 1:
+            raise ApiError(400, "n: streaming returns one choice; set n to 1 or stream to false", param="n")
+        if prompts > 1:
+            raise ApiError(400, "prompt: stream one prompt at a time", param="prompt")
+        if req.top_logprobs_wanted() is not None:
+            raise ApiError(400, "logprobs: not returned on streams; set stream to false for logprobs", param="logprobs")
+    else:
+        req.top_logprobs_wanted()  # argument errors now, not after generating
 
 
 def max_tokens(req: _Req, limits: Limits) -> int:
@@ -102,16 +204,20 @@ def stops(req: _Req, limits: Limits) -> list[str]:
     return s
 
 
-def request_text(req: _Req) -> str:
+def request_text(req: _Req, prompt: str | None = None) -> str:
     """What the router classifies: the last user message (chat) or the prompt."""
     if isinstance(req, ChatRequest):
         users = [m.content for m in req.messages if m.role == "user"]
         return users[-1] if users else req.messages[-1].content
-    return req.prompt  # type: ignore[return-value]
+    return req.prompts[0] if prompt is None else prompt  # type: ignore[union-attr]
 
 
-def _usage(res: dict) -> dict:
-    p, c = int(res["prompt_tokens"]), int(res["completion_tokens"])
+def _usage(results: list[dict]) -> dict:
+    """Prompt tokens count once per prompt (n choices share it), completion tokens per choice."""
+    prompts: dict[int, int] = {}
+    for r in results:
+        prompts[r.get("prompt_index", 0)] = int(r["prompt_tokens"])
+    p, c = sum(prompts.values()), sum(int(r["completion_tokens"]) for r in results)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
@@ -119,21 +225,67 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def chat_response(res: dict, routing: dict) -> dict:
+def _bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+def chat_logprobs(entries: list[dict] | None) -> dict | None:
+    """The engine's [{token, logprob, top: [[token, logprob], ...]}] in chat's shape."""
+    if entries is None:
+        return None
+    return {"content": [{"token": e["token"], "logprob": e["logprob"], "bytes": _bytes(e["token"]),
+                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": _bytes(t)} for t, lp in e["top"]]}
+                        for e in entries], "refusal": None}
+
+
+def completion_logprobs(entries: list[dict] | None) -> dict | None:
+    """... in the legacy completions shape (tokens, token_logprobs, top_logprobs, text_offset)."""
+    if entries is None:
+        return None
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [dict(e["top"]) for e in entries], "text_offset": offsets}
+
+
+def _model(results: list[dict]) -> str:
+    experts = {r["expert"] for r in results}
+    return results[0]["expert"] if len(experts) == 1 else AUTO
+
+
+def chat_response(results: list[dict], routing: dict) -> dict:
     return {
-        "id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": res["expert"],
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": res["text"]},
-                     "finish_reason": res["finish_reason"], "logprobs": None}],
-        "usage": _usage(res), "expert": res["expert"], "routing": routing,
+        "id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": _model(results),
+        "choices": [{"index": i, "message": {"role": "assistant", "content": r["text"]},
+                     "finish_reason": r["finish_reason"], "logprobs": chat_logprobs(r.get("logprobs"))}
+                    for i, r in enumerate(results)],
+        "usage": _usage(results), "expert": _model(results), "routing": routing,
     }
 
 
-def completion_response(res: dict, routing: dict) -> dict:
+def completion_response(results: list[dict], routing: dict | list) -> dict:
+    """Choices in prompt order, n per prompt (index = prompt_index * n + j, as OpenAI orders them)."""
     return {
-        "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": res["expert"],
-        "choices": [{"index": 0, "text": res["text"], "finish_reason": res["finish_reason"], "logprobs": None}],
-        "usage": _usage(res), "expert": res["expert"], "routing": routing,
+        "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": _model(results),
+        "choices": [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"],
+                     "logprobs": completion_logprobs(r.get("logprobs")), "expert": r["expert"]}
+                    for i, r in enumerate(results)],
+        "usage": _usage(results), "expert": _model(results), "routing": routing,
     }
+
+
+def embedding_response(vectors: list[list[float]], tokens: int, model: str, encoding_format: str) -> dict:
+    import base64
+    import struct
+
+    def encode(v):
+        return base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if encoding_format == "base64" else v
+
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 class ChunkWriter:
@@ -165,7 +317,7 @@ class ChunkWriter:
         else:
             out = [self._event([{"index": 0, "text": "", "finish_reason": final["finish_reason"], "logprobs": None}])]
         if self.include_usage:
-            out.append(self._event([], usage=_usage(final)))
+            out.append(self._event([], usage=_usage([final])))
         return out + [b"data: [DONE]\n\n"]
 
     @staticmethod

@@ -3,7 +3,8 @@ answers and calls it through a DeploymentHandle.
 
 Per request: auth (bearer key) -> body size / JSON / schema / limits (4xx with a message) ->
 model choice (`model` names an expert or `base` -> that one; `auto` -> the routing strategy;
-unknown domain -> `router.fallback`) -> expert call. A failed call (replica died, none
+unknown domain -> `router.fallback`; each prompt of a completions list on its own) -> expert
+calls, n per prompt, sent together so the replica batches them. A failed call (replica died, none
 available) is retried with backoff while Serve restarts the replica, then falls back to the
 fallback model, so clients see an answer rather than an error. The response names the expert
 in `model`, `expert`, `routing` and the `x-raylib-expert` header.
@@ -113,8 +114,8 @@ class Router:
         self.stats["errors_4xx"] += 1
         return JSONResponse(err.body(), status_code=err.status)
 
-    def choose(self, req) -> tuple[str, dict]:
-        """(model that answers, routing detail)."""
+    def choose(self, req, prompt: str | None = None) -> tuple[str, dict]:
+        """(model that answers, routing detail) for the request (or one of its prompts)."""
         if req.experts is not None and req.model != MIX:
             raise api.ApiError(400, f'experts: set model to "{MIX}" to mix experts', param="experts")
         if req.model == MIX:
@@ -124,7 +125,7 @@ class Router:
                 raise api.ApiError(404, f"model {req.model!r} does not exist; use auto or one of "
                                         f"{sorted(self.where)}", param="model", code="model_not_found")
             return req.model, {"strategy": "explicit", "requested": req.model}
-        name, detail = self.strategy.route(api.request_text(req))
+        name, detail = self.strategy.route(api.request_text(req, prompt))
         routing = {"strategy": self.strategy.name, **detail}
         if name is None or name not in self.where:
             routing["unknown_domain"] = True
@@ -160,24 +161,25 @@ class Router:
             reg.update({n: src for n, src in self.sources.items() if n not in reg})  # base holds none of them
         return reg
 
-    def _payload(self, req, expert: str) -> dict:
+    def _payload(self, req, expert: str, prompt: str | None = None) -> dict:
+        """What the replica's engine takes (GenRequest fields) for the request, or one prompt of it."""
         limits = self.cfg.limits
-        text = api.request_text(req) if isinstance(req, api.CompletionRequest) else "\n".join(
-            m.content for m in req.messages)
+        text = prompt if isinstance(req, api.CompletionRequest) else "\n".join(m.content for m in req.messages)
         n = len(self.tokenizer(text)["input_ids"])
         if n > limits.max_prompt_tokens:
             raise api.ApiError(400, f"the prompt is {n} tokens; this server's limit is {limits.max_prompt_tokens}",
                                param="messages" if isinstance(req, api.ChatRequest) else "prompt",
                                code="context_length_exceeded")
         payload = {"expert": expert, "max_tokens": api.max_tokens(req, limits), "temperature": req.temperature,
-                   "top_p": req.top_p, "stop": api.stops(req, limits)}
+                   "top_p": req.top_p, "stop": api.stops(req, limits), "seed": req.seed,
+                   "logprobs": req.top_logprobs_wanted()}
         payload["registry"] = self._registry(expert)
         if expert == MIX:
             payload.update(mix=dict(req.experts), combination=req.combination)
         if isinstance(req, api.ChatRequest):
             payload.update(kind="chat", messages=[m.model_dump() for m in req.messages])
         else:
-            payload.update(kind="completion", prompt=req.prompt)
+            payload.update(kind="completion", prompt=prompt)
         return payload
 
     def _handle(self, name: str):
@@ -207,20 +209,30 @@ class Router:
         try:
             self._auth(request)
             req = api.parse(await request.body(), schema, self.cfg.limits)
-            expert, routing = self.choose(req)
-            payload = self._payload(req, expert)
+            prompts = req.prompts if isinstance(req, api.CompletionRequest) else [None]
+            calls, routings = [], []  # (payload, prompt index, routing): n per prompt, in OpenAI's order
+            for k, prompt in enumerate(prompts):  # each prompt is routed on its own
+                expert, routing = self.choose(req, prompt)
+                routings.append(routing)
+                payload = self._payload(req, expert, prompt)
+                for j in range(req.n):  # choice j samples with seed + j
+                    calls.append(({**payload, "seed": None if req.seed is None else req.seed + j}, k, routing))
         except api.ApiError as err:
             return self._error(err)
         chat = schema is api.ChatRequest
-        if req.stream:
+        if req.stream:  # one prompt, n = 1 (parse refuses the rest)
+            payload = calls[0][0]
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             return StreamingResponse(self._sse(payload, chat, include_usage), media_type="text/event-stream",
-                                     headers={EXPERT_HEADER: expert})
-        res = await self._call(payload, routing)
-        if "error" in res:  # the replica refused this request (a mix PEFT cannot build, ...)
-            return self._error(api.ApiError(400, res["error"], param="experts" if payload.get("mix") else "model"))
-        body = (api.chat_response if chat else api.completion_response)(res, routing)
-        return JSONResponse(body, headers={EXPERT_HEADER: res["expert"]})
+                                     headers={EXPERT_HEADER: payload["expert"]})
+        results = await asyncio.gather(*(self._call(p, routing) for p, _, routing in calls))  # one replica batch
+        for (payload, k, _), res in zip(calls, results):
+            if "error" in res:  # the replica refused this request (a mix PEFT cannot build, ...)
+                return self._error(api.ApiError(400, res["error"], param="experts" if payload.get("mix") else "model"))
+            res["prompt_index"] = k
+        routing = routings[0] if len(routings) == 1 else routings
+        body = (api.chat_response if chat else api.completion_response)(results, routing)
+        return JSONResponse(body, headers={EXPERT_HEADER: ",".join(sorted({r["expert"] for r in results}))})
 
     async def _sse(self, payload: dict, chat: bool, include_usage: bool):
         """Stream from the expert; a failure before the first token is retried (then the
@@ -268,6 +280,30 @@ class Router:
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         return await self._complete(request, api.CompletionRequest)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request):
+        """Vectors of the base model (mean-pooled last hidden layer, L2-normalised: Engine.embed)."""
+        self.stats["requests"] += 1
+        limits = self.cfg.limits
+        try:
+            self._auth(request)
+            req = api.parse(await request.body(), api.EmbeddingRequest, limits)
+            if req.model not in (BASE, AUTO, self.cfg.base_model):
+                raise api.ApiError(400, f"model: embeddings come from the base model; set model to {BASE!r} "
+                                        f"(got {req.model!r})", param="model", code="model_not_found")
+            texts = req.texts
+            if not texts or len(texts) > limits.max_embedding_inputs:
+                raise api.ApiError(400, f"input: send 1 to {limits.max_embedding_inputs} texts, got {len(texts)}",
+                                   param="input")
+            longest = max(len(self.tokenizer(t)["input_ids"]) for t in texts)
+            if longest > limits.max_prompt_tokens:
+                raise api.ApiError(400, f"input: a text is {longest} tokens; this server's limit is "
+                                        f"{limits.max_prompt_tokens}", param="input", code="context_length_exceeded")
+        except api.ApiError as err:
+            return self._error(err)
+        vectors, tokens = await self.handles[self.where[BASE]].embed.remote(texts)
+        return api.embedding_response(vectors, tokens, BASE, req.encoding_format)
 
     @app.get("/v1/models")
     async def models(self, request: Request):

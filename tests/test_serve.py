@@ -303,6 +303,125 @@ def test_openai_client_chat_completion_stream_models(app):
     assert sampled.model == "strings" and sampled.usage.completion_tokens <= 6
 
 
+def test_openai_client_features_n_seed_logprobs_prompt_lists_text_parts(app, tiny_model):
+    """What common clients send, through the official client: text-part content, n, seed,
+    logprobs (checked against the model itself), prompt lists routed per prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    client = _client(app)
+    text = PROMPTS["arithmetic"][0]
+
+    def chat(**kw):
+        args = dict(model="auto", messages=[{"role": "user", "content": text}], max_tokens=6, temperature=0)
+        return client.chat.completions.create(**{**args, **kw})
+
+    plain = chat()
+    parts = chat(messages=[{"role": "user", "content": [{"type": "text", "text": text}]}])
+    assert parts.model == plain.model == "arithmetic"
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    assert chat(max_tokens=None, max_completion_tokens=2).usage.completion_tokens <= 2
+
+    three = chat(n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert {c.message.content for c in three.choices} == {plain.choices[0].message.content}
+    assert three.usage.completion_tokens == 3 * plain.usage.completion_tokens
+    assert three.usage.prompt_tokens == plain.usage.prompt_tokens  # counted once per prompt
+
+    sampled = dict(model="base", temperature=1.5, max_tokens=8)
+    once, again = chat(seed=7, **sampled), chat(seed=7, **sampled)
+    assert once.choices[0].message.content == again.choices[0].message.content
+    many = chat(seed=7, n=6, **sampled)
+    assert many.choices[0].message.content == once.choices[0].message.content  # choice j: seed + j
+    assert len({c.message.content for c in many.choices}) > 1
+
+    lp = chat(logprobs=True, top_logprobs=2).choices[0]
+    assert lp.logprobs is not None and len(lp.logprobs.content) >= 1
+    for entry in lp.logprobs.content:  # greedy: the chosen token is the most likely one
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].token == entry.token
+        assert abs(entry.top_logprobs[0].logprob - entry.logprob) < 1e-6
+    assert "".join(e.token for e in lp.logprobs.content).strip() == lp.message.content
+
+    # completions: logprobs equal the base model's own, a list of prompts gets n choices each
+    prompt = "What is 2 + 2? =>"
+    comp = client.completions.create(model="base", prompt=prompt, max_tokens=3, temperature=0, logprobs=3)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        logits = model(**tok(prompt, return_tensors="pt")).logits[0, -1]
+    want = torch.log_softmax(logits.float(), -1)
+    first = comp.choices[0].logprobs
+    assert first.tokens[0] == tok.decode([int(want.argmax())])
+    assert abs(first.token_logprobs[0] - float(want.max())) < 1e-4
+    assert len(first.top_logprobs[0]) == 3 and first.text_offset[0] == 0
+
+    other = "Which is larger: 37 or 52? =>"
+    single = client.completions.create(model="base", prompt=other, max_tokens=3, temperature=0)
+    batch = client.completions.create(model="base", prompt=[prompt, other], max_tokens=3, temperature=0, n=2)
+    assert [c.text for c in batch.choices] == [comp.choices[0].text] * 2 + [single.choices[0].text] * 2
+    assert batch.usage.prompt_tokens == comp.usage.prompt_tokens + single.usage.prompt_tokens
+    routed = client.completions.create(model="auto", prompt=[PROMPTS["arithmetic"][1], PROMPTS["strings"][1]],
+                                       max_tokens=3, temperature=0)
+    assert [c.expert for c in routed.choices] == ["arithmetic", "strings"]
+
+
+def test_openai_client_embeddings_are_the_base_models_mean_pooled_states(app, tiny_model):
+    import numpy as np
+    import torch
+    from openai import BadRequestError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    client = _client(app)
+    texts = ["What is 12 + 7?", "Reverse the word.\n\nlamp", "What is 12 + 7?"]
+    got = client.embeddings.create(model="base", input=texts)  # the client asks for base64 and decodes it
+    floats = client.embeddings.create(model="base", input=texts, encoding_format="float")
+    vectors = np.array([d.embedding for d in got.data])
+    assert [d.index for d in got.data] == [0, 1, 2]
+    np.testing.assert_allclose(vectors, np.array([d.embedding for d in floats.data]), atol=1e-6)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        for text, vec in zip(texts, vectors):
+            hidden = model(**tok(text, return_tensors="pt"), output_hidden_states=True).hidden_states[-1][0]
+            want = torch.nn.functional.normalize(hidden.mean(0), dim=-1).numpy()
+            np.testing.assert_allclose(vec, want, atol=1e-4)
+    assert got.usage.prompt_tokens == sum(len(tok(t)["input_ids"]) for t in texts)
+    with pytest.raises(BadRequestError, match="dimensions"):
+        client.embeddings.create(model="base", input="hi", dimensions=8)
+    with pytest.raises(BadRequestError, match="base model"):
+        client.embeddings.create(model="strings", input="hi")
+
+
+def test_unsupported_openai_fields_are_refused_by_name(app):
+    from openai import BadRequestError
+
+    client = _client(app)
+    msgs = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    cases = [
+        ("tools", dict(tools=[tool])),
+        ("response_format", dict(response_format={"type": "json_object"})),
+        ("frequency_penalty", dict(frequency_penalty=0.5)),
+        ("logit_bias", dict(logit_bias={"5": 10})),
+        ("n", dict(n=2, stream=True)),
+        ("logprobs", dict(logprobs=True, stream=True)),
+        ("n", dict(n=100)),
+        ("top_logprobs", dict(top_logprobs=2)),
+        ("messages.0.content", dict(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}])),
+    ]
+    for field, kw in cases:
+        with pytest.raises(BadRequestError) as exc:
+            client.chat.completions.create(**{"model": "auto", "messages": msgs, "max_tokens": 2, **kw})
+        assert exc.value.body["param"] == field and field.split(".")[0] in exc.value.body["message"], (field, exc.value.body)
+    ok = client.chat.completions.create(model="auto", messages=msgs, max_tokens=2, response_format={"type": "text"},
+                                        frequency_penalty=0, tool_choice="none")
+    assert ok.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(BadRequestError, match="token-id"):
+        client.completions.create(model="base", prompt=[1, 2, 3], max_tokens=2)
+
+
 def test_bad_requests_get_4xx_with_a_message_and_the_server_stays_healthy(app):
     url = app["url"]
     chat = f"{url}/v1/chat/completions"
