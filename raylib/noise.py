@@ -44,6 +44,9 @@ WARNING_NOISE: tuple[tuple[str, str], ...] = (
     (".*is_gradient_checkpointing.*",
      "a transformers 5 deprecation (FutureWarning) that PEFT's PeftModel and TRL trigger when they "
      "read the old property name; nothing in raylib's jobs can change it"),
+    ("Position ids are not supported for parameter efficient tuning.*",
+     "PEFT's prompt-learning generate (prefix / P-tuning / prompt experts, served by "
+     "raylib.serve) drops the position ids generate passes it, by design, and says so on every call"),
 )
 
 #: lines of Ray actors' output that the driver drops from its log-to-driver stream

@@ -68,7 +68,9 @@ class Resources(_Strict):
 
 
 class Batching(_Strict):
-    """`@serve.batch` inside a replica: concurrent non-streaming requests share one generate."""
+    """A replica's continuous batching (serve/scheduler.py): at most `max_batch_size` rows
+    decode together; an idle replica waits `batch_wait_timeout_s` so requests that arrive
+    together prefill together."""
 
     max_batch_size: PositiveInt = 8
     batch_wait_timeout_s: float = Field(0.005, ge=0)
@@ -221,7 +223,7 @@ def _is_loopback(host: str) -> bool:
 def _servable() -> set[str]:
     from raylib.methods import METHODS
 
-    return set(METHODS) - {"heads"}  # heads experts classify; they do not generate text
+    return {name for name, m in METHODS.items() if m.servable}
 
 
 def _check_paths(cfg: ServeConfig) -> None:
@@ -236,7 +238,7 @@ def _check_paths(cfg: ServeConfig) -> None:
             info = read_expert(spec.path)
         except FileNotFoundError as exc:
             raise ConfigError(f"experts.{name}.path", str(exc), "point it at a dir written by raylib train/cem") from None
-        if info.method in ("heads",) or info.method not in _servable():
+        if info.method not in _servable():
             raise ConfigError(f"experts.{name}.path", f"method {info.method!r} cannot be served as a text generator",
                               f"serve experts of {sorted(_servable())}")
     r = cfg.router

@@ -5,15 +5,17 @@ single-device mode it holds every expert and switches per request *without reloa
 base model*:
 
 - PEFT experts (lora/qlora) become named adapters of one `PeftModel`; a batch may mix them
-  (`generate(..., adapter_names=[...])`, PEFT's mixed-adapter batches, `__base__` = no adapter);
+  (`adapter_names=[...]` per row, PEFT's mixed-adapter batches, `__base__` = no adapter);
 - SVF experts share one base with `apply_svf`; a request sets that expert's z vectors
   (`set_z`, an in-place copy) and batches are grouped per expert;
 - full fine-tuned experts and the other PEFT methods (ia3, adalora, prefix, prompt tuning:
   no mixed-adapter batches in PEFT) are one model each.
 
 The base model (`base`) is the PEFT model with adapters off, or the SVF model with z = 1, or
-a plain copy when there is neither. Generation is `model.generate` with the KV cache; a lock
-keeps one generate at a time per replica (adapter routing and z are per-model state).
+a plain copy when there is neither. Generation is continuous batching over the KV cache
+(`raylib.serve.scheduler`): `submit` queues a request, the scheduler thread decodes it with
+the others of its group a step at a time; `self.lock` guards one step (adapter routing and z
+are per-model state) or one expert change, never a whole generation.
 
 Experts can be added and removed while the replica serves (`add_expert` / `remove_expert`,
 or lazily from a request's `registry` {name: path or URI}, which also re-creates them in a
@@ -32,11 +34,14 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator
+
+from raylib.serve.scheduler import Scheduler, Sequence
 
 log = logging.getLogger("raylib.serve")
 
@@ -75,11 +80,13 @@ class _Slot:
     template: str
     z: dict | None = None
     adapter: str | None = None  # PEFT adapter name when it differs from the slot name (mixes)
+    stepwise: bool = True  # Method.serve_stepwise: decoded step by step in continuous batches
 
 
 class Engine:
     def __init__(self, base_model: str, experts: dict[str, str], base_template: str = "alpaca",
-                 dtype: str = "auto", device: str | None = None, include_base: bool = True, mix_cache: int = 4):
+                 dtype: str = "auto", device: str | None = None, include_base: bool = True, mix_cache: int = 4,
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.005):
         import torch
 
         from raylib.config import ModelConfig
@@ -91,21 +98,26 @@ class Engine:
         self.tokenizer = load_tokenizer(mcfg)
         self.slots: dict[str, _Slot] = {}
         self.switch_times: list[float] = []  # seconds per SVF z switch (set_z + weight rebuild)
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # held for one decoding step or one expert change at a time
         self._current_svf: str | None = None
+        self._routing: tuple | None = None  # ((PeftModel id, row adapters), installed hooks or None)
         self._mcfg, self.base_model, self.base_template = mcfg, base_model, base_template
         self._svf_models: dict[str, Any] = {}  # json [targets, layers] -> the SVF model for them
         self._dynamic: dict[str, str] = {}  # experts added at run time -> their path/URI
         self._mixes: "OrderedDict[tuple, str]" = OrderedDict()  # LRU: (combination, weights) -> slot
         self.mix_cache = mix_cache
+        self.scheduler = Scheduler(self, max_batch_size=max_batch_size, wait_s=batch_wait_timeout_s)
         infos = {name: read_expert(path) for name, path in experts.items()}
         t0 = time.perf_counter()
 
         def fresh():
             return load_model(mcfg, self.device, inference=True).to(self.device).eval()
 
-        peft_names = [n for n, i in infos.items() if i.method in ("lora", "qlora")]
-        svf_names = [n for n, i in infos.items() if i.method == "svf"]
+        from raylib.methods import get_method
+
+        sharing = {n: get_method(i.method).serve_sharing for n, i in infos.items()}  # registry capability
+        peft_names = [n for n in infos if sharing[n] == "adapter"]
+        svf_names = [n for n in infos if sharing[n] == "z"]
         if peft_names:
             from peft import PeftModel
 
@@ -134,11 +146,10 @@ class Engine:
                 if include_base and BASE not in self.slots:
                     self.slots[BASE] = _Slot("svf", model, base_template, z=None)
         for name, info in infos.items():
-            if info.method not in ("lora", "qlora", "svf"):  # full, and PEFT methods without mixed batches
-                from raylib.methods import get_method
-
-                model = get_method(info.method).load(fresh(), experts[name]).to(self.device).eval()
-                self.slots[name] = _Slot("full", model, info.template)
+            if sharing[name] is None:  # full, and PEFT methods without mixed batches: a model each
+                method = get_method(info.method)
+                model = method.load(fresh(), experts[name]).to(self.device).eval()
+                self.slots[name] = _Slot("full", model, info.template, stepwise=method.serve_stepwise)
         if include_base and BASE not in self.slots:
             self.slots[BASE] = _Slot("base", fresh(), base_template)
         self.load_s = time.perf_counter() - t0
@@ -184,7 +195,7 @@ class Engine:
             return slot.model.base_model.model, {}
         if slot.family in ("peft", "base-peft"):
             names = [(self.slots[n].adapter or n) if self.slots[n].family == "peft" else PEFT_BASE for n in batch_names]
-            return slot.model, {"adapter_names": names}
+            return slot.model, self._route_adapters(slot.model, names)
         if slot.family == "svf":
             if self._current_svf != name:
                 from raylib.methods import svf
@@ -197,6 +208,33 @@ class Engine:
             return slot.model, {}
         return slot.model, {}
 
+    def _route_adapters(self, pm, names: list[str]) -> dict:
+        """Point the PeftModel's rows at their adapters, once per batch composition: one adapter
+        is PEFT's plain forward (`set_adapter`); a mix of rows keeps PEFT's mixed-batch hooks
+        (what `adapter_names=` installs on every call, walking every module) installed across
+        the decoding steps until the rows change. Returns extra forward kwargs."""
+        key = (id(pm), tuple(names))
+        if self._routing is not None and self._routing[0] == key:
+            return {}
+        self._end_routing()
+        if len(set(names)) == 1 and names[0] != PEFT_BASE:
+            pm.set_adapter(names[0])
+            self._routing = (key, None)
+            return {}
+        hooks = getattr(pm, "_enable_peft_forward_hooks", None)
+        if hooks is None:  # a PEFT without it: the per-call argument
+            return {"adapter_names": names}
+        ctx = hooks(adapter_names=names)
+        ctx.__enter__()
+        self._routing = (key, ctx)
+        return {}
+
+    def _end_routing(self) -> None:
+        """Remove the installed mixed-batch hooks (before adapters change or rows regroup)."""
+        if self._routing is not None and self._routing[1] is not None:
+            self._routing[1].__exit__(None, None, None)
+        self._routing = None
+
     @staticmethod
     def _rebuild(model) -> None:
         """Form the adapted weights now (part of the switch, not of the first request)."""
@@ -208,24 +246,6 @@ class Engine:
             for m in svf.svf_modules(model).values():
                 if m.mode == "rebuild":
                     m(torch.zeros(1, m.in_features, dtype=m.U.dtype, device=m.U.device))
-
-    def _group_key(self, req: GenRequest) -> tuple:
-        slot = self.slots[req.expert]
-        model_key = id(slot.model) if slot.family in ("peft", "base-peft") else req.expert
-        seeded = id(req) if req.temperature > 0 and req.seed is not None else None  # a seeded draw runs alone
-        return (model_key, req.temperature > 0, req.temperature, req.top_p, tuple(self._stops(req)), req.kind, seeded)
-
-    def _gen_kwargs(self, req: GenRequest, max_new: int) -> dict:
-        kw = dict(max_new_tokens=max_new, pad_token_id=self.tokenizer.pad_token_id,
-                  eos_token_id=self.tokenizer.eos_token_id, use_cache=True)
-        if req.temperature > 0:
-            kw.update(do_sample=True, temperature=req.temperature, top_p=req.top_p, top_k=None)
-        else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        stops = self._stops(req)
-        if stops:
-            kw.update(stop_strings=stops, tokenizer=self.tokenizer)
-        return kw
 
     # ------------------------------------------------------------------ experts at run time
 
@@ -240,11 +260,11 @@ class Engine:
     def add_expert(self, name: str, source: str) -> dict:
         """Load the expert at `source` (path or URI) as `name` into this engine, sharing the
         base weights it already holds where the method allows; replaces an expert of that name."""
-        with self._lock:
+        with self.lock:
             return self._add(name, source)
 
     def remove_expert(self, name: str) -> bool:
-        with self._lock:
+        with self.lock:
             return self._remove(name)
 
     def _add(self, name: str, source: str) -> dict:
@@ -255,11 +275,15 @@ class Engine:
             raise ValueError(f"{name!r} is a reserved name")
         path = resolve_expert(source, f"experts.{name}")
         info = read_expert(path)
+        self._end_routing()  # adapters are about to change
         if name in self.slots:
             self._remove(name)
         t0, shared = time.perf_counter(), True
         base = self.slots.get(BASE)
-        if info.method in ("lora", "qlora"):
+        from raylib.methods import get_method
+
+        method = get_method(info.method)
+        if method.serve_sharing == "adapter":
             pm = self._peft_model()
             if pm is not None:
                 pm.load_adapter(path, adapter_name=name)
@@ -273,7 +297,7 @@ class Engine:
                     pm, shared = PeftModel.from_pretrained(self._fresh(), path, adapter_name=name), False
             pm.eval()
             self.slots[name] = _Slot("peft", pm, info.template)
-        elif info.method == "svf":
+        elif method.serve_sharing == "z":
             cfg = svf.read_svf_config(path)
             key = json.dumps([cfg["targets"], cfg["layers"]])
             model = self._svf_models.get(key)
@@ -288,10 +312,8 @@ class Engine:
                 self._svf_models[key] = model
             self.slots[name] = _Slot("svf", model, info.template, z=svf.load_z(path))
         else:
-            from raylib.methods import get_method
-
-            model = get_method(info.method).load(self._fresh(), path).to(self.device).eval()
-            self.slots[name], shared = _Slot("full", model, info.template), False
+            model = method.load(self._fresh(), path).to(self.device).eval()
+            self.slots[name], shared = _Slot("full", model, info.template, stepwise=method.serve_stepwise), False
         self._dynamic[name] = source
         took = time.perf_counter() - t0
         log.info("engine: added %s (%s) in %.2fs, base weights %s", name, info.method, took,
@@ -299,6 +321,9 @@ class Engine:
         return {"name": name, "method": info.method, "load_s": took, "shared_base": shared, "experts": self.names}
 
     def _remove(self, name: str) -> bool:
+        self._end_routing()  # PEFT picks another active adapter when one is deleted
+        uses = {name, *(label for key, label in self._mixes.items() if name in dict(key[1]))}
+        self.scheduler.abort(lambda s: s.req.expert in uses, f"expert {name!r} was removed while this request ran")
         slot = self.slots.pop(name, None)
         self._dynamic.pop(name, None)
         for key in [k for k in self._mixes if name in dict(k[1])]:
@@ -312,6 +337,7 @@ class Engine:
         return True
 
     def _drop_mix(self, key: tuple) -> None:
+        self._end_routing()
         name = self._mixes.pop(key)
         slot = self.slots.pop(name, None)
         if slot is not None and slot.family == "peft":
@@ -363,6 +389,7 @@ class Engine:
         elif families == {"peft"}:
             pm = slots[0].model
             adapter = "mix_" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
+            self._end_routing()
             try:
                 pm.add_weighted_adapter(names, ws, adapter_name=adapter, combination_type=combination)
             except (ValueError, TypeError) as exc:
@@ -374,74 +401,160 @@ class Engine:
             raise ValueError(f"mix SVF experts with SVF experts or LoRA adapters with LoRA adapters, got {kinds}")
         self.slots[label] = slot
         self._mixes[key] = label
-        while len(self._mixes) > self.mix_cache:
-            self._drop_mix(next(iter(self._mixes)))
+        idle = [k for k, n in self._mixes.items() if n != label and not self.scheduler.in_use(n)]
+        for k in idle[: max(0, len(self._mixes) - self.mix_cache)]:  # the oldest mixes no request decodes
+            self._drop_mix(k)
         return label
 
-    # ------------------------------------------------------------------ generation
+    # ------------------------------------------------------------------ generation (Scheduler)
 
-    def generate(self, raw_reqs: list) -> list[dict]:
-        """Non-streaming generation for a batch; requests sharing a model and sampling
-        settings run as one left-padded `generate` call."""
-        reqs = [GenRequest.of(r) for r in raw_reqs]
-        out: list[dict | None] = [None] * len(reqs)
-        groups: dict[tuple, list[int]] = {}
-        with self._lock:
-            for i, r in enumerate(reqs):
-                try:  # a request that names a bad mix fails alone, not its whole batch
-                    self._prepare(r)
-                except (KeyError, ValueError) as exc:
-                    out[i] = {"error": _message(exc), "expert": r.expert}
-                    continue
-                groups.setdefault(self._group_key(r), []).append(i)
-            for idx in groups.values():
-                for i, res in zip(idx, self._generate_group([reqs[i] for i in idx])):
-                    out[i] = res
-        return out  # type: ignore[return-value]
-
-    def _generate_group(self, reqs: list[GenRequest]) -> list[dict]:
+    def submit(self, raw, sink, stream: bool = False) -> None:
+        """Queue one request for the scheduler; `sink(event)` is called from its thread with
+        {"delta"} pieces (streams), then the result ({"done": True, "text", ...}), or
+        {"error"} (a bad expert or mix) / {"exception"} (the forward failed)."""
         import torch
 
-        prompts = [self.render(r) for r in reqs]
-        model, extra = self._select(reqs[0].expert, [r.expert for r in reqs])
+        req = GenRequest.of(raw)
+        gen = None
+        if req.temperature > 0 and req.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(req.seed)
+        self.scheduler.submit(Sequence(req, [], [], sink, stream=stream, generator=gen))
+
+    def generate(self, raw_reqs: list) -> list[dict]:
+        """Blocking: every request answered (they decode together, joined by the scheduler)."""
+        queues = []
+        for raw in raw_reqs:
+            q: "queue.Queue[dict]" = queue.Queue()
+            self.submit(raw, q.put)
+            queues.append(q)
+        return [_raise(q.get()) for q in queues]
+
+    def stream(self, raw_req) -> Iterator[dict]:
+        """Blocking stream: {"delta": text} pieces, then the result (or an {"error"})."""
+        q: "queue.Queue[dict]" = queue.Queue()
+        self.submit(raw_req, q.put, stream=True)
+        while True:
+            event = _raise(q.get())
+            yield event
+            if "delta" not in event:
+                return
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {"steps": s.steps, "running": len(s.running()), "pending": s.pending.qsize(), "max_rows": s.max_rows,
+                "batches": len(s.batches), "switch_times": list(self.switch_times)}
+
+    # called by the Scheduler, engine lock held
+
+    def prepare(self, seq: Sequence) -> None:
+        """Bring the request's experts in, resolve a mix to its slot, render and tokenize."""
+        req = seq.req
+        self._prepare(req)
+        ids = self.tokenizer(self.render(req))["input_ids"]
         tok = self.tokenizer
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            enc = tok(prompts, return_tensors="pt", padding=True).to(self.device)
-        finally:
-            tok.padding_side = side
-        max_new = max(r.max_tokens for r in reqs)
-        kwargs = self._gen_kwargs(reqs[0], max_new)
-        with_logprobs = any(r.logprobs is not None for r in reqs)
-        if with_logprobs:
-            kwargs.update(output_logits=True, return_dict_in_generate=True)
-        _seed(reqs[0])
+        seq.prompt_ids = list(ids) or [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+        seq.stops = self._stops(req)
+
+    def group_key(self, req: GenRequest) -> tuple:
+        """Requests with one key share a forward pass: one PEFT model (adapters per row), one
+        SVF expert (z is model state), one other model; experts that cannot be stepped
+        ("whole": prompt learning) generate one request at a time."""
+        slot = self.slots[req.expert]
+        if not slot.stepwise:
+            return ("whole", req.expert)
+        if slot.family in ("peft", "base-peft"):
+            return ("peft", id(slot.model))
+        return (slot.family, req.expert)
+
+    def generate_whole(self, seqs: list[Sequence]) -> None:
+        """`model.generate` start to finish for experts whose forward cannot be stepped over a
+        KV cache by the scheduler (PEFT prompt learning prepends virtual tokens in it). One
+        request at a time: left padding would sit between the virtual tokens and the prompt
+        and change the answer."""
+        for seq in seqs:
+            self._generate_one(seq)
+
+    def _generate_one(self, seq: Sequence) -> None:
+        import torch
+
+        seqs = [seq]
+
+        tok, first = self.tokenizer, seqs[0].req
+        width = max(len(s.prompt_ids) for s in seqs)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs], device=self.device)
+        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs],
+                            device=self.device)
+        kw = dict(max_new_tokens=max(s.req.max_tokens for s in seqs), pad_token_id=pad, eos_token_id=tok.eos_token_id,
+                  use_cache=True, output_logits=True, return_dict_in_generate=True, top_k=None)
+        if first.temperature > 0:
+            kw.update(do_sample=True, temperature=first.temperature, top_p=first.top_p)
+            if first.seed is not None:
+                torch.manual_seed(first.seed)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None)
+        if seqs[0].stops:
+            kw.update(stop_strings=seqs[0].stops, tokenizer=tok)
+        model, extra = self._select(first.expert, [s.req.expert for s in seqs])
         with torch.no_grad():
-            out = model.generate(**enc, **kwargs, **extra)
-        seqs = out.sequences if with_logprobs else out
-        width = enc["input_ids"].shape[1]
-        results = []
-        for j, r in enumerate(reqs):
-            comp = seqs[j][width:].tolist()[: r.max_tokens]
-            finish = "length"
-            if tok.eos_token_id in comp:
-                comp = comp[: comp.index(tok.eos_token_id)]
-                finish = "stop"
-            while comp and comp[-1] == tok.pad_token_id:
-                comp.pop()
-            text, cut = _cut(tok.decode(comp, skip_special_tokens=True), self._stops(r))
-            if cut:
-                finish = "stop"
-            if r.kind == "chat":
-                text = text.strip()
-            res = {"text": text, "finish_reason": finish, "expert": r.expert,
-                   "prompt_tokens": int(enc["attention_mask"][j].sum()), "completion_tokens": len(comp)}
-            if r.logprobs is not None:
-                shown = self._shown_tokens(comp, text, r) if cut else len(comp)
-                res["logprobs"] = self._logprobs([step[j] for step in out.logits[:shown]], comp[:shown], r.logprobs)
-            results.append(res)
-        return results
+            out = model.generate(input_ids=ids, attention_mask=mask, **kw, **extra)
+        for j, seq in enumerate(seqs):
+            for t, token in enumerate(out.sequences[j][width:].tolist()[: seq.req.max_tokens]):
+                if token == tok.eos_token_id:
+                    seq.finish = "stop"
+                    break
+                seq.ids.append(token)
+                if seq.req.logprobs is not None:
+                    seq.logprobs.append(self.logprob_entry(out.logits[t][j], token, seq.req.logprobs))
+                if self.stopped(seq):
+                    seq.finish = "stop"
+                    break
+            seq.finish = seq.finish or "length"
+            for event in self.finish_events(seq):
+                seq.sink(event)
+
+    def forward_for(self, names: list[str]) -> tuple[Any, dict]:
+        return self._select(names[0], names)
+
+    def stopped(self, seq: Sequence) -> bool:
+        return bool(seq.stops) and _cut(self._text(seq), seq.stops)[1]
+
+    def _text(self, seq: Sequence) -> str:
+        return self.tokenizer.decode(seq.ids, skip_special_tokens=True)
+
+    def delta_event(self, seq: Sequence) -> dict | None:
+        """The stream's next piece: text that can no longer turn into a stop string (the last
+        len(longest stop) - 1 characters wait), trailing chat whitespace held back."""
+        text = self._text(seq)
+        partial = len(text) - len(text.rstrip("\ufffd"))  # a multi-byte character may still complete:
+        text = text[: len(text) - min(partial, 3)]  # hold up to 3 trailing replacement characters
+        visible, _ = _cut(text, seq.stops)
+        hold = max((len(x) for x in seq.stops), default=1) - 1
+        chat = seq.req.kind == "chat"
+        if chat:
+            visible = visible.lstrip()
+        end = max(seq.sent, len(visible) - hold)
+        if chat:  # trailing space may turn out to be the end (stripped)
+            end = max(seq.sent, min(end, len(visible.rstrip())))
+        if end <= seq.sent:
+            return None
+        piece, seq.sent = visible[seq.sent:end], end
+        return {"delta": piece}
+
+    def finish_events(self, seq: Sequence) -> list[dict]:
+        req = seq.req
+        text, cut = _cut(self._text(seq), seq.stops)
+        if req.kind == "chat":
+            text = text.strip()
+        events = []
+        if seq.stream and len(text) > seq.sent:
+            events.append({"delta": text[seq.sent:]})
+        result = {"done": True, "text": text, "finish_reason": seq.finish, "expert": req.expert,
+                  "prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.ids)}
+        if req.logprobs is not None:
+            shown = self._shown_tokens(seq.ids, text, req) if cut else len(seq.ids)
+            result["logprobs"] = seq.logprobs[:shown]
+        return events + [result]
 
     def _shown_tokens(self, comp: list[int], text: str, req: GenRequest) -> int:
         """How many generated tokens the returned (stop-cut) text is made of."""
@@ -451,19 +564,16 @@ class Engine:
                 return m
         return len(comp)
 
-    def _logprobs(self, logits: list, tokens: list[int], k: int) -> list[dict]:
+    def logprob_entry(self, row, token: int, k: int) -> dict:
         """Log-probabilities under the model itself (raw logits, before temperature / top-p,
-        as vLLM reports them by default): each token's and its k most likely alternatives."""
+        as vLLM reports them by default): the token's and its k most likely alternatives."""
         import torch
 
-        entries = []
-        for row, tid in zip(logits, tokens):
-            lp = torch.log_softmax(row.float(), dim=-1)
-            top = torch.topk(lp, k) if k else None
-            entries.append({"token": self.tokenizer.decode([tid]), "logprob": float(lp[tid]),
-                            "top": [] if top is None else [[self.tokenizer.decode([int(i)]), float(v)]
-                                                           for v, i in zip(top.values, top.indices)]})
-        return entries
+        lp = torch.log_softmax(row.float(), dim=-1)
+        top = torch.topk(lp, k) if k else None
+        return {"token": self.tokenizer.decode([token]), "logprob": float(lp[token]),
+                "top": [] if top is None else [[self.tokenizer.decode([int(i)]), float(v)]
+                                               for v, i in zip(top.values, top.indices)]}
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """One vector per text from the base model (adapters off, z = 1): the mean of the last
@@ -472,7 +582,7 @@ class Engine:
         Returns (vectors, input tokens)."""
         import torch
 
-        with self._lock:
+        with self.lock:
             model, extra = self._select(BASE, [BASE] * len(texts))
             enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
             with torch.no_grad():
@@ -482,79 +592,11 @@ class Engine:
             vectors = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
         return vectors.tolist(), int(enc["attention_mask"].sum())
 
-    def stream(self, raw_req) -> Iterator[dict]:
-        """Streaming generation of one request: yields {"delta": text} pieces as tokens come
-        out of `generate` (TextIteratorStreamer), then a final {"finish_reason", usage...}."""
-        import torch
-        from transformers import TextIteratorStreamer
 
-        req = GenRequest.of(raw_req)
-        with self._lock:
-            try:
-                self._prepare(req)
-            except (KeyError, ValueError) as exc:
-                yield {"error": _message(exc)}
-                return
-            stops = self._stops(req)
-            hold = max((len(s) for s in stops), default=1) - 1
-            prompt = self.render(req)
-            model, extra = self._select(req.expert, [req.expert])
-            enc = self.tokenizer(prompt, return_tensors="pt").to(self.device)
-            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            kwargs = {**enc, **self._gen_kwargs(req, req.max_tokens), **extra, "streamer": streamer}
-            result: dict = {}
-            _seed(req)
-
-            def run():
-                try:
-                    with torch.no_grad():
-                        result["seq"] = model.generate(**kwargs)
-                except BaseException as exc:  # surfaced after the stream ends
-                    result["error"] = exc
-                    streamer.end()
-
-            thread = threading.Thread(target=run, daemon=True)
-            thread.start()
-            text, sent, stopped = "", 0, False
-            for piece in streamer:
-                if stopped:
-                    continue  # drain: generate stops at the stop string by itself
-                text += piece
-                visible, cut = _cut(text, stops)
-                if req.kind == "chat":
-                    visible = visible.lstrip()
-                if cut:
-                    stopped = True
-                    end = len(visible.rstrip()) if req.kind == "chat" else len(visible)
-                else:
-                    end = max(sent, len(visible) - hold)
-                    if req.kind == "chat":  # trailing space may turn out to be the end (stripped)
-                        end = max(sent, min(end, len(visible.rstrip())))
-                if end > sent:
-                    yield {"delta": visible[sent:end]}
-                    sent = end
-            thread.join()
-            if "error" in result:
-                raise result["error"]
-            visible, cut = _cut(text, stops)
-            if req.kind == "chat":
-                visible = visible.strip()
-            if len(visible) > sent:
-                yield {"delta": visible[sent:]}
-            comp = result["seq"][0][enc["input_ids"].shape[1]:].tolist()
-            finish = "stop" if cut or self.tokenizer.eos_token_id in comp else "length"
-            if self.tokenizer.eos_token_id in comp:
-                comp = comp[: comp.index(self.tokenizer.eos_token_id)]
-            yield {"finish_reason": finish, "expert": req.expert, "prompt_tokens": enc["input_ids"].shape[1],
-                   "completion_tokens": len(comp)}
-
-
-def _seed(req: GenRequest) -> None:
-    """Seed the sampler for a seeded request (it runs alone, under the engine lock)."""
-    if req.temperature > 0 and req.seed is not None:
-        import torch
-
-        torch.manual_seed(req.seed)
+def _raise(event: dict) -> dict:
+    if "exception" in event:
+        raise event["exception"]
+    return event
 
 
 def _message(exc: BaseException) -> str:

@@ -1,9 +1,9 @@
 """The expert deployment: a replica that loads the base model + its expert(s) once and answers
 generate / stream calls from the router (through DeploymentHandles).
 
-Concurrent non-streaming requests to a replica are batched with `@serve.batch` into one
-left-padded `generate` call (requests that share sampling settings; PEFT experts of a
-single-device replica even share one mixed-adapter batch).
+Requests (plain and streamed) go to the engine's scheduler, which decodes them in continuous
+batches (serve/scheduler.py): a request joins the running batch at the next step and leaves
+it when it is done; LoRA experts of a single-device replica share one mixed-adapter batch.
 """
 
 from __future__ import annotations
@@ -24,25 +24,31 @@ class ExpertReplica:
         from raylib.serve.engine import Engine
 
         torch.set_num_threads(max(1, threads or 1))
-        self.engine = Engine(base_model, experts, base_template, dtype, include_base=include_base, mix_cache=mix_cache)
-        self._batched.set_max_batch_size(max_batch_size)
-        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.engine = Engine(base_model, experts, base_template, dtype, include_base=include_base, mix_cache=mix_cache,
+                             max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _batched(self, payloads: list[dict]) -> list[dict]:
-        return await asyncio.to_thread(self.engine.generate, payloads)
+    def _events(self, payload: dict, stream: bool) -> asyncio.Queue:
+        """The engine's events for one request, on this replica's event loop."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        self.engine.submit(payload, lambda event: loop.call_soon_threadsafe(events.put_nowait, event), stream=stream)
+        return events
 
     async def generate(self, payload: dict) -> dict:
-        return await self._batched(payload)
+        """One answer; it joins the engine's running batch at the next decoding step."""
+        event = await self._events(payload, stream=False).get()
+        if "exception" in event:
+            raise event["exception"]
+        return event
 
     async def stream(self, payload: dict):
-        it = self.engine.stream(payload)
-        done = object()
+        events = self._events(payload, stream=True)
         while True:
-            item = await asyncio.to_thread(next, it, done)
-            if item is done:
+            event = await events.get()
+            if "exception" in event:
+                raise event["exception"]
+            yield event
+            if "delta" not in event:
                 return
-            yield item
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """/v1/embeddings: base-model vectors (Engine.embed)."""
@@ -57,7 +63,7 @@ class ExpertReplica:
 
     def info(self) -> dict:
         e = self.engine
-        return {"experts": e.names, "load_s": e.load_s, "switch_times": list(e.switch_times), "pid": os.getpid()}
+        return {"experts": e.names, "load_s": e.load_s, "pid": os.getpid(), **e.stats()}
 
     def count_tokens(self, text: str) -> int:
         return self.engine.count_tokens(text)

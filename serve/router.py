@@ -52,9 +52,6 @@ class AddExpert(BaseModel):
     keywords: list[str] | None = None
 
 
-LORA = ("lora", "qlora")
-
-
 def _info(source: str) -> dict:
     """method, domain, metrics, ... of the expert at `source` (expert.json)."""
     from raylib.experts import read_expert, resolve_expert
@@ -65,6 +62,13 @@ def _info(source: str) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
     return {"method": info.method, "domain": info.domain, "template": info.template, "metrics": info.metrics,
             "step": info.step, "created_at": info.created_at}
+
+
+def _sharing(method: str | None) -> str | None:
+    """How the method's experts share the base ("adapter", "z"; registry capability)."""
+    from raylib.methods import METHODS
+
+    return METHODS[method].serve_sharing if method in METHODS else None
 
 
 def _retryable() -> tuple[type[BaseException], ...]:
@@ -145,7 +149,8 @@ class Router:
         if not all(math.isfinite(w) for w in mix.values()):
             raise api.ApiError(400, "experts: weights must be finite numbers", param="experts")
         methods = {n: self.infos.get(n, {}).get("method") for n in mix}
-        svf, lora = all(m == "svf" for m in methods.values()), all(m in LORA for m in methods.values())
+        sharing = {_sharing(m) for m in methods.values()}
+        svf, lora = sharing == {"z"}, sharing == {"adapter"}
         if not (svf or lora):
             raise api.ApiError(400, f"experts: mix SVF experts with SVF experts or LoRA with LoRA, got {methods}",
                                param="experts")

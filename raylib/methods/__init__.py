@@ -73,6 +73,21 @@ class Method(ABC):
     #: False for methods that cannot train on packed sequences (data.packing defaults to off)
     supports_packing: ClassVar[bool] = True
 
+    # Serving capabilities (raylib.serve reads these; it checks no method names).
+    #: the expert generates text (heads experts classify)
+    servable: ClassVar[bool] = True
+    #: how an expert shares a replica's base weights: "adapter" = a named adapter of one
+    #: PeftModel, several per batch row by row (LoRA; mixes with add_weighted_adapter);
+    #: "z" = SVF z vectors on one decomposed model (one expert per forward; mixes of z);
+    #: None = a model of its own
+    serve_sharing: ClassVar[str | None] = None
+    #: its forward is a plain causal-LM step over a KV cache, so the HF engine decodes it in
+    #: continuous batches; prompt learning adds virtual tokens inside PEFT's forward and runs
+    #: through PEFT's generate instead
+    serve_stepwise: ClassVar[bool] = True
+    #: vLLM can serve it: as a LoRARequest (serve_sharing "adapter") or as its own model (full)
+    vllm_servable: ClassVar[bool] = False
+
     def begin_training(self, model, total_steps: int) -> None:
         """Once, before the first step, with the run's optimizer step count (unwrapped model)."""
 

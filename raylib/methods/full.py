@@ -17,6 +17,7 @@ class FullFineTuning(Method):
     name = "full"
     Options = FullOptions
     trains_base_weights = True
+    vllm_servable = True
 
     def check(self, job) -> None:
         from raylib.errors import ConfigError

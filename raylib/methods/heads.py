@@ -172,6 +172,7 @@ def MultiHeadClassifier(*args, **kwargs):  # noqa: N802 - built lazily: torch is
 class Heads(Method):
     name = "heads"
     Options = HeadsOptions
+    servable = False  # heads classify; they do not generate text
     supports_packing = False
 
     def check(self, job) -> None:

@@ -165,6 +165,8 @@ class PeftMethod(Method):
 class LoRA(PeftMethod):
     name = "lora"
     Options = LoraOptions
+    serve_sharing = "adapter"
+    vllm_servable = True
 
     def peft_config(self, job, model=None):
         from peft import LoraConfig
@@ -576,6 +578,7 @@ class _PromptLearning(PeftMethod):
     drops position_ids for prompt learning, so packed examples would attend to each other
     and only the first would see the virtual tokens)."""
 
+    serve_stepwise = False
     supports_packing = False
 
     def check(self, job) -> None:

@@ -303,6 +303,7 @@ def save_z(model, out_dir: str) -> None:
 class SVF(Method):
     name = "svf"
     Options = SVFOptions
+    serve_sharing = "z"
 
     def check(self, job) -> None:
         from raylib.errors import ConfigError
