@@ -331,7 +331,7 @@ class Engine:
         if slot is None:
             return False
         if slot.family == "peft" and name in slot.model.peft_config:
-            slot.model.delete_adapter(name)
+            _delete_adapter(slot.model, name)
         if self._current_svf == name:
             self._current_svf = None
         return True
@@ -341,7 +341,7 @@ class Engine:
         name = self._mixes.pop(key)
         slot = self.slots.pop(name, None)
         if slot is not None and slot.family == "peft":
-            slot.model.delete_adapter(slot.adapter)
+            _delete_adapter(slot.model, slot.adapter)
         if self._current_svf == name:
             self._current_svf = None
 
@@ -591,6 +591,15 @@ class Engine:
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             vectors = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
         return vectors.tolist(), int(enc["attention_mask"].sum())
+
+
+def _delete_adapter(pm, name: str) -> None:
+    """PEFT's delete_adapter, with another adapter made active first when `name` is the active
+    one (PEFT would pick one itself and warn about it)."""
+    others = [a for a in pm.peft_config if a != name]
+    if name in getattr(pm, "active_adapters", []) and others:
+        pm.set_adapter(others[0])
+    pm.delete_adapter(name)
 
 
 def _raise(event: dict) -> dict:

@@ -21,8 +21,10 @@ class ExpertReplica:
                  threads: int | None = None, mix_cache: int = 4):
         import torch
 
+        from raylib.noise import quiet_libraries
         from raylib.serve.engine import Engine
 
+        quiet_libraries("cuda" if torch.cuda.is_available() else "cpu")  # no weight-loading progress bars
         torch.set_num_threads(max(1, threads or 1))
         self.engine = Engine(base_model, experts, base_template, dtype, include_base=include_base, mix_cache=mix_cache,
                              max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)

@@ -387,7 +387,7 @@ def test_zero3_adalora_and_heads_two_workers(name, ray_session, tiny_model, demo
     workers: AdaLoRA's allocator reads whole gradients and masks partitioned weights through
     collectives (both ranks must agree on the pattern), and heads cache the backbone's
     features before the engine exists (gathered from the partitions)."""
-    from test_methods import SETTINGS, method_job
+    from test_methods import method_job
 
     from raylib.synthetic import write_classification_dataset
 
