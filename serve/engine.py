@@ -38,9 +38,10 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
+from raylib.serve.requests import GenRequest
 from raylib.serve.scheduler import Scheduler, Sequence
 
 log = logging.getLogger("raylib.serve")
@@ -48,27 +49,6 @@ log = logging.getLogger("raylib.serve")
 BASE = "base"
 PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
 END_MARKERS = ("### End", "\n\n###")  # the alpaca template's end (see raylib.evaluation)
-
-
-@dataclass
-class GenRequest:
-    expert: str
-    kind: str = "completion"  # completion: `prompt` as is; chat: `messages` in the expert's template
-    prompt: str = ""
-    messages: list[dict] = field(default_factory=list)
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    mix: dict[str, float] | None = None  # expert -> weight: serve a weighted mix of experts
-    combination: str = "linear"  # LoRA mixes: PEFT add_weighted_adapter combination_type
-    registry: dict[str, str] | None = None  # run-time experts (name -> path/URI) the router knows
-    seed: int | None = None  # sampling: the same seed gives the same text (the request runs alone)
-    logprobs: int | None = None  # None: none; k: each token's logprob and its k most likely alternatives
-
-    @classmethod
-    def of(cls, raw: dict | "GenRequest") -> "GenRequest":
-        return raw if isinstance(raw, GenRequest) else cls(**raw)
 
 
 @dataclass

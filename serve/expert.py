@@ -13,6 +13,8 @@ import os
 
 from ray import serve
 
+from raylib.serve.requests import GenRequest
+
 
 @serve.deployment
 class ExpertReplica:
@@ -29,20 +31,20 @@ class ExpertReplica:
         self.engine = Engine(base_model, experts, base_template, dtype, include_base=include_base, mix_cache=mix_cache,
                              max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
 
-    def _events(self, payload: dict, stream: bool) -> asyncio.Queue:
+    def _events(self, payload: GenRequest, stream: bool) -> asyncio.Queue:
         """The engine's events for one request, on this replica's event loop."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         self.engine.submit(payload, lambda event: loop.call_soon_threadsafe(events.put_nowait, event), stream=stream)
         return events
 
-    async def generate(self, payload: dict) -> dict:
+    async def generate(self, payload: GenRequest) -> dict:
         """One answer; it joins the engine's running batch at the next decoding step."""
         event = await self._events(payload, stream=False).get()
         if "exception" in event:
             raise event["exception"]
         return event
 
-    async def stream(self, payload: dict):
+    async def stream(self, payload: GenRequest):
         events = self._events(payload, stream=True)
         while True:
             event = await events.get()

@@ -1,11 +1,11 @@
 """The OpenAI-compatible wire format: request schemas, limits, responses, SSE chunks, errors.
 
-Requests are parsed by hand from the raw body (size checked first), then validated with
-pydantic, so every 4xx says what was wrong in OpenAI's error shape:
-`{"error": {"message": ..., "type": "invalid_request_error", "param": <field>, "code": ...}}`.
-Unknown request fields are ignored (clients send many optional ones), but fields whose effect
-this server cannot give (`tools`, `response_format` other than text, penalties, ...) are a 400
-naming the field: never silently dropped.
+Routes take these models as their bodies (FastAPI validates them); every 4xx is in OpenAI's
+error shape `{"error": {"message", "type": "invalid_request_error", "param": <field>, "code"}}`
+(`ApiError`; `from_validation_error` turns FastAPI's errors into it). Unknown request fields
+are ignored (clients send many optional ones), but fields whose effect this server cannot give
+(`tools`, `response_format` other than text, penalties, ...) are a 400 naming the field: never
+silently dropped.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from raylib.serve.config import AUTO, BASE, Limits
 
@@ -60,6 +60,15 @@ class _Req(BaseModel):
     experts: dict[str, float] | None = None
     #: LoRA mixes: PEFT add_weighted_adapter combination_type (SVF mixes are always linear)
     combination: Literal["linear", "cat"] = "linear"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse(cls, data):
+        """An ApiError (not a ValueError) passes through pydantic with its own param."""
+        if isinstance(data, dict):
+            _refuse_unsupported(data)
+            _refuse_token_ids(data, "prompt")
+        return data
 
     def top_logprobs_wanted(self) -> int | None:
         """How many alternatives per token to return (None: no logprobs)."""
@@ -122,6 +131,16 @@ class EmbeddingRequest(BaseModel):
     model: str = BASE
     encoding_format: Literal["float", "base64"] = "float"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse(cls, data):
+        if isinstance(data, dict):
+            _refuse_token_ids(data, "input")
+            if data.get("dimensions") is not None:
+                raise ApiError(400, "dimensions: not supported (the vectors have the base model's hidden size); "
+                                    "remove the field", param="dimensions", code="unsupported_parameter")
+        return data
+
     @property
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
@@ -135,37 +154,36 @@ def _refuse_unsupported(data: dict) -> None:
                            code="unsupported_parameter")
 
 
-def parse(raw: bytes, schema: type[BaseModel], limits: Limits) -> BaseModel:
-    if len(raw) > limits.max_body_bytes:
-        raise ApiError(413, f"request body is {len(raw)} bytes; the limit is {limits.max_body_bytes}", code="body_too_large")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
-    if issubclass(schema, _Req):
-        _refuse_unsupported(data)
-    for field in ("prompt", "input"):  # token-id lists: the router routes on text
-        value = data.get(field)
-        if isinstance(value, list) and any(not isinstance(x, str) for x in value):
-            raise ApiError(400, f"{field}: token-id input is not supported; send text (a string or a list of strings)",
-                           param=field)
-    if "dimensions" in data and schema is EmbeddingRequest:
-        raise ApiError(400, "dimensions: not supported (the vectors have the base model's hidden size); remove "
-                            "the field", param="dimensions", code="unsupported_parameter")
-    try:
-        req = schema.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or None
-        raise ApiError(400, f"{field}: {err['msg']}" if field else err["msg"], param=field) from None
-    if isinstance(req, _Req):
-        _check_choices(req, limits)
-    return req
+def _refuse_token_ids(data: dict, field: str) -> None:
+    value = data.get(field)
+    if isinstance(value, list) and any(not isinstance(x, str) for x in value):
+        raise ApiError(400, f"{field}: token-id input is not supported; send text (a string or a list of strings)",
+                       param=field)
 
 
-def _check_choices(req: _Req, limits: Limits) -> None:
+def from_validation_error(errors: list[dict]) -> ApiError:
+    """FastAPI's RequestValidationError -> a 400 naming the first bad field."""
+    err = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [str(p) for p in err.get("loc", ())]
+    if loc and loc[0] == "body":
+        loc = loc[1:]
+    if err.get("type") == "json_invalid":
+        return ApiError(400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}",
+                        code="invalid_json")
+    if not loc and err.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        return ApiError(400, "the body must be a JSON object", code="invalid_json")
+    field = ".".join(loc) or None
+    return ApiError(400, f"{field}: {err['msg']}" if field else err["msg"], param=field)
+
+
+def check_body_size(size: int, limits: Limits) -> None:
+    if size > limits.max_body_bytes:
+        raise ApiError(413, f"request body is {size} bytes; the limit is {limits.max_body_bytes}",
+                       code="body_too_large")
+
+
+def check_choices(req: _Req, limits: Limits) -> None:
+    """Limits that need the server's config: prompts x n, and what streams cannot carry."""
     prompts = len(req.prompts) if isinstance(req, CompletionRequest) else 1
     if prompts == 0:
         raise ApiError(400, "prompt: the list is empty", param="prompt")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import threading
 from typing import Iterator
 
-from raylib.serve.engine import Engine, GenRequest, _cut
+from raylib.serve.engine import Engine, _cut
+from raylib.serve.requests import GenRequest
 from raylib.serve.scheduler import _message
 
 
