@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
+from raylib.serve.interface import ServingEngine, Sink
 from raylib.serve.requests import GenRequest
 from raylib.serve.scheduler import Scheduler, Sequence
 
@@ -63,7 +63,9 @@ class _Slot:
     stepwise: bool = True  # Method.serve_stepwise: decoded step by step in continuous batches
 
 
-class Engine:
+class Engine(ServingEngine):
+    """The HF engine: transformers/PEFT models of one base, decoded by the Scheduler."""
+
     def __init__(self, base_model: str, experts: dict[str, str], base_template: str = "alpaca",
                  dtype: str = "auto", device: str | None = None, include_base: bool = True, mix_cache: int = 4,
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.005):
@@ -388,7 +390,7 @@ class Engine:
 
     # ------------------------------------------------------------------ generation (Scheduler)
 
-    def submit(self, raw, sink, stream: bool = False) -> None:
+    def submit(self, raw: "GenRequest | dict", sink: Sink, stream: bool = False) -> None:
         """Queue one request for the scheduler; `sink(event)` is called from its thread with
         {"delta"} pieces (streams), then the result ({"done": True, "text", ...}), or
         {"error"} (a bad expert or mix) / {"exception"} (the forward failed)."""
@@ -399,25 +401,6 @@ class Engine:
         if req.temperature > 0 and req.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(req.seed)
         self.scheduler.submit(Sequence(req, [], [], sink, stream=stream, generator=gen))
-
-    def generate(self, raw_reqs: list) -> list[dict]:
-        """Blocking: every request answered (they decode together, joined by the scheduler)."""
-        queues = []
-        for raw in raw_reqs:
-            q: "queue.Queue[dict]" = queue.Queue()
-            self.submit(raw, q.put)
-            queues.append(q)
-        return [_raise(q.get()) for q in queues]
-
-    def stream(self, raw_req) -> Iterator[dict]:
-        """Blocking stream: {"delta": text} pieces, then the result (or an {"error"})."""
-        q: "queue.Queue[dict]" = queue.Queue()
-        self.submit(raw_req, q.put, stream=True)
-        while True:
-            event = _raise(q.get())
-            yield event
-            if "delta" not in event:
-                return
 
     def stats(self) -> dict:
         s = self.scheduler
@@ -580,12 +563,6 @@ def _delete_adapter(pm, name: str) -> None:
     if name in getattr(pm, "active_adapters", []) and others:
         pm.set_adapter(others[0])
     pm.delete_adapter(name)
-
-
-def _raise(event: dict) -> dict:
-    if "exception" in event:
-        raise event["exception"]
-    return event
 
 
 def _message(exc: BaseException) -> str:
