@@ -390,7 +390,7 @@ class Engine(ServingEngine):
 
     # ------------------------------------------------------------------ generation (Scheduler)
 
-    def submit(self, raw: "GenRequest | dict", sink: Sink, stream: bool = False) -> None:
+    def submit(self, raw: "GenRequest | dict", sink: Sink, stream: bool = False) -> Sequence:
         """Queue one request for the scheduler; `sink(event)` is called from its thread with
         {"delta"} pieces (streams), then the result ({"done": True, "text", ...}), or
         {"error"} (a bad expert or mix) / {"exception"} (the forward failed)."""
@@ -400,7 +400,12 @@ class Engine(ServingEngine):
         gen = None
         if req.temperature > 0 and req.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(req.seed)
-        self.scheduler.submit(Sequence(req, [], [], sink, stream=stream, generator=gen))
+        seq = Sequence(req, [], [], sink, stream=stream, generator=gen)
+        self.scheduler.submit(seq)
+        return seq
+
+    def cancel(self, handle: Sequence) -> None:
+        handle.cancelled = True
 
     def stats(self) -> dict:
         s = self.scheduler

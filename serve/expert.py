@@ -31,28 +31,36 @@ class ExpertReplica:
         self.engine = Engine(base_model, experts, base_template, dtype, include_base=include_base, mix_cache=mix_cache,
                              max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
 
-    def _events(self, payload: GenRequest, stream: bool) -> asyncio.Queue:
-        """The engine's events for one request, on this replica's event loop."""
+    def _events(self, payload: GenRequest, stream: bool) -> tuple[asyncio.Queue, object]:
+        """The engine's events for one request, on this replica's event loop, and its handle."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        self.engine.submit(payload, lambda event: loop.call_soon_threadsafe(events.put_nowait, event), stream=stream)
-        return events
+        handle = self.engine.submit(payload, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                                    stream=stream)
+        return events, handle
 
     async def generate(self, payload: GenRequest) -> dict:
         """One answer; it joins the engine's running batch at the next decoding step."""
-        event = await self._events(payload, stream=False).get()
+        events, handle = self._events(payload, stream=False)
+        try:
+            event = await events.get()
+        finally:  # cancelled (the client went away): the row stops decoding
+            self.engine.cancel(handle)
         if "exception" in event:
             raise event["exception"]
         return event
 
     async def stream(self, payload: GenRequest):
-        events = self._events(payload, stream=True)
-        while True:
-            event = await events.get()
-            if "exception" in event:
-                raise event["exception"]
-            yield event
-            if "delta" not in event:
-                return
+        events, handle = self._events(payload, stream=True)
+        try:
+            while True:
+                event = await events.get()
+                if "exception" in event:
+                    raise event["exception"]
+                yield event
+                if "delta" not in event:
+                    return
+        finally:  # a closed stream stops its row at the next step
+            self.engine.cancel(handle)
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """/v1/embeddings: base-model vectors (Engine.embed)."""

@@ -22,8 +22,14 @@ Sink = Callable[[dict], None]
 
 class ServingEngine(ABC):
     @abstractmethod
-    def submit(self, req: "GenRequest | dict", sink: Sink, stream: bool = False) -> None:
-        """Start answering `req`; `sink` gets its events, from any thread, the last one not a delta."""
+    def submit(self, req: "GenRequest | dict", sink: Sink, stream: bool = False) -> object:
+        """Start answering `req`; `sink` gets its events, from any thread, the last one not a
+        delta. Returns a handle for `cancel`."""
+
+    @abstractmethod
+    def cancel(self, handle: object) -> None:
+        """The caller went away (a closed stream, a cancelled call): stop generating for it,
+        without further events; a no-op once the request is done."""
 
     @abstractmethod
     def add_expert(self, name: str, source: str) -> dict:

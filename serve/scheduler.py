@@ -45,6 +45,7 @@ class Sequence:
     logprobs: list[dict] = field(default_factory=list)
     sent: int = 0  # characters of text already streamed
     finish: str | None = None
+    cancelled: bool = False  # the caller went away: the row leaves at the next step, silently
 
 
 class DecodeBatch:
@@ -264,6 +265,9 @@ class Scheduler:
         greedy = logits.argmax(dim=-1).tolist()  # one op for every greedy row
         keep, nxt = [], []
         for i, seq in enumerate(batch.seqs):
+            if seq.cancelled:
+                nxt.append(0)  # a placeholder: the row is dropped below
+                continue
             token = greedy[i] if seq.req.temperature <= 0 else _pick(logits[i].float(), seq)
             if seq.req.logprobs is not None:
                 seq.logprobs.append(self.engine.logprob_entry(logits[i].float(), token, seq.req.logprobs))

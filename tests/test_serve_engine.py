@@ -106,6 +106,29 @@ def test_a_short_request_finishes_while_a_long_one_decodes(family_model):
     assert long["completion_tokens"] == 200 and engine.stats()["max_rows"] == 2
 
 
+def test_a_cancelled_stream_leaves_the_batch(family_model):
+    import time
+
+    import torch
+
+    from raylib.serve.engine import Engine
+
+    torch.set_num_threads(1)
+    engine = Engine(family_model("llama"), {})
+    events: queue.Queue = queue.Queue()
+    handle = engine.submit(dict(expert="base", prompt=PROMPTS[1], max_tokens=400), events.put, stream=True)
+    assert "delta" in events.get(timeout=120)
+    engine.cancel(handle)  # what the replica does when the client closes the stream
+    deadline = time.monotonic() + 60
+    while engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.stats()["running"] == 0
+    while not events.empty():  # no result after the cancel, only deltas already on their way
+        assert "delta" in events.get()
+    assert len(handle.ids) < 400
+    assert engine.generate([dict(expert="base", prompt="hi", max_tokens=2)])[0]["completion_tokens"] <= 2
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(family_model):
     import torch
 

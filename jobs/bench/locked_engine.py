@@ -173,3 +173,6 @@ class LockedEngine(Engine):
                 comp = comp[: comp.index(self.tokenizer.eos_token_id)]
             yield {"finish_reason": finish, "expert": req.expert, "prompt_tokens": enc["input_ids"].shape[1],
                    "completion_tokens": len(comp)}
+
+    def cancel(self, handle) -> None:
+        """The old engine cannot stop a generation it started."""
