@@ -445,41 +445,35 @@ class Engine(ServingEngine):
     def _generate_one(self, seq: Sequence) -> None:
         import torch
 
-        seqs = [seq]
-
-        tok, first = self.tokenizer, seqs[0].req
-        width = max(len(s.prompt_ids) for s in seqs)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs], device=self.device)
-        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs],
-                            device=self.device)
-        kw = dict(max_new_tokens=max(s.req.max_tokens for s in seqs), pad_token_id=pad, eos_token_id=tok.eos_token_id,
-                  use_cache=True, output_logits=True, return_dict_in_generate=True, top_k=None)
-        if first.temperature > 0:
-            kw.update(do_sample=True, temperature=first.temperature, top_p=first.top_p)
-            if first.seed is not None:
-                torch.manual_seed(first.seed)
+        tok, req = self.tokenizer, seq.req
+        ids = torch.tensor([seq.prompt_ids], device=self.device)
+        kw = dict(max_new_tokens=req.max_tokens, eos_token_id=tok.eos_token_id, use_cache=True, top_k=None,
+                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                  output_logits=True, return_dict_in_generate=True)
+        if req.temperature > 0:
+            kw.update(do_sample=True, temperature=req.temperature, top_p=req.top_p)
+            if req.seed is not None:
+                torch.manual_seed(req.seed)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None)
-        if seqs[0].stops:
-            kw.update(stop_strings=seqs[0].stops, tokenizer=tok)
-        model, extra = self._select(first.expert, [s.req.expert for s in seqs])
+        if seq.stops:
+            kw.update(stop_strings=seq.stops, tokenizer=tok)
+        model, extra = self._select(req.expert, [req.expert])
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, **kw, **extra)
-        for j, seq in enumerate(seqs):
-            for t, token in enumerate(out.sequences[j][width:].tolist()[: seq.req.max_tokens]):
-                if token == tok.eos_token_id:
-                    seq.finish = "stop"
-                    break
-                seq.ids.append(token)
-                if seq.req.logprobs is not None:
-                    seq.logprobs.append(self.logprob_entry(out.logits[t][j], token, seq.req.logprobs))
-                if self.stopped(seq):
-                    seq.finish = "stop"
-                    break
-            seq.finish = seq.finish or "length"
-            for event in self.finish_events(seq):
-                seq.sink(event)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw, **extra)
+        for t, token in enumerate(out.sequences[0][ids.shape[1]:].tolist()[: req.max_tokens]):
+            if token == tok.eos_token_id:
+                seq.finish = "stop"
+                break
+            seq.ids.append(token)
+            if req.logprobs is not None:
+                seq.logprobs.append(self.logprob_entry(out.logits[t][0], token, req.logprobs))
+            if self.stopped(seq):
+                seq.finish = "stop"
+                break
+        seq.finish = seq.finish or "length"
+        for event in self.finish_events(seq):
+            seq.sink(event)
 
     def forward_for(self, names: list[str]) -> tuple[Any, dict]:
         return self._select(names[0], names)
@@ -568,10 +562,6 @@ def _delete_adapter(pm, name: str) -> None:
     if name in getattr(pm, "active_adapters", []) and others:
         pm.set_adapter(others[0])
     pm.delete_adapter(name)
-
-
-def _message(exc: BaseException) -> str:
-    return exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
 
 
 def _cut(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -71,8 +71,9 @@ class _Req(BaseModel):
         return data
 
     def top_logprobs_wanted(self) -> int | None:
-        """How many alternatives per token to return (None: no logprobs)."""
-        raise NotImplementedError
+        """How many alternatives per token to return (None: no logprobs). Chat and completions
+        spell logprobs differently and override this."""
+        return None
 
 
 class ChatMessage(BaseModel):

@@ -103,7 +103,13 @@ def test_eval_cli_over_ray_shards_and_merged_model_agrees(lora_expert, demo_data
     m = json.load(open(out_json))
     assert m["rows"] == 24 and m["shards"] == 2 and m["tokens"] > 0
     assert m["perplexity"] == pytest.approx(math.exp(m["loss"]))
-    assert 1 < m["perplexity"] < 1000 and 0 < m["token_accuracy"] <= 1
+    from transformers import AutoTokenizer
+
+    from raylib.experts import read_expert
+
+    vocab = len(AutoTokenizer.from_pretrained(read_expert(lora_expert).base_model))
+    # a trained expert predicts its data far better than a uniform guess over the vocabulary
+    assert m["perplexity"] < vocab / 4 and m["token_accuracy"] > 4 / vocab, (m, vocab)
     preds = [json.loads(line) for line in open(str(tmp_path / "eval_predictions.jsonl"))]
     assert len(preds) == 24 and all("prediction" in p and "reference" in p for p in preds)
     # the shards' metrics are those of the predictions they wrote, scored by the libraries themselves
