@@ -35,6 +35,7 @@ class TrainState:
     batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
     tokens_seen: int = 0
     eval_loss_before: float | None = None
+    eval_before: dict = field(default_factory=dict)  # the other eval metrics before the first step
     history: list = field(default_factory=list)  # eval results: [{"step", "eval_loss", ...}]
 
 
@@ -85,3 +86,54 @@ def restore(ckpt_dir: str, *, method, model, optimizer, scheduler, engine=None) 
     scheduler.load_state_dict(torch.load(os.path.join(state_dir, "scheduler.pt"), weights_only=False))
     with open(os.path.join(state_dir, STATE_FILE)) as f:
         return TrainState(**json.load(f))
+
+
+# --------------------------------------------------------------------------- every objective's writer
+
+
+def report_checkpoint(session, job, method, model, tokenizer, optimizer, scheduler, state, metrics, rank, engine=None) -> None:
+    """Rank 0 writes the checkpoint (DDP replicas are identical); every rank reports.
+
+    Under DeepSpeed every rank also writes its ZeRO shard of the engine state into its own
+    temporary directory and reports it under the same name: Ray Train merges the ranks'
+    files into one checkpoint directory and registers it only once all ranks reported.
+    """
+    import tempfile
+
+    name = f"step_{state.step:07d}"
+    if engine is not None:
+        return _report_deepspeed_checkpoint(session, job, method, model, tokenizer, scheduler, state, metrics, rank, engine, name)
+    if rank != 0:
+        session.report(metrics, None, name)
+        return
+    with tempfile.TemporaryDirectory(prefix="raylib-ckpt-") as tmp:
+        save(tmp, method=method, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+             state=state, info=expert_info(job, metrics, state))
+        session.report(metrics, tmp, name)
+
+
+def _report_deepspeed_checkpoint(session, job, method, model, tokenizer, scheduler, state, metrics, rank, engine, name) -> None:
+    import tempfile
+
+    from raylib.backends import gathered_trainable, save_engine_state
+
+    with tempfile.TemporaryDirectory(prefix="raylib-ckpt-") as tmp:
+        save_engine_state(engine, os.path.join(tmp, DEEPSPEED_DIR))  # collective
+        with gathered_trainable(model):  # ZeRO-3: whole trainable tensors on every rank
+            if rank == 0:
+                save(tmp, method=method, model=model, tokenizer=tokenizer, optimizer=None, scheduler=scheduler,
+                     state=state, info=expert_info(job, metrics, state))
+        session.report(metrics, tmp, name)
+
+
+def expert_info(job, metrics, state) -> ExpertInfo:
+    """expert.json of a checkpoint: what trained it, on what, and its numeric metrics."""
+    return ExpertInfo(
+        method=job.method.name,
+        base_model=job.model.path,
+        domain=job.output.domain,
+        template=job.data.template,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None},
+        config=job.to_dict(),
+        step=state.step,
+    )

@@ -121,11 +121,13 @@ def tiny(out_dir: str, seed: int, instruct: bool) -> None:
 @click.option("--domain", "domains", multiple=True, help="limit to these domains (default: all)")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--held-out", is_flag=True, help="eval asks only prompts (strings: words) that train never asks")
-def synth(out_dir: str, train_rows: int, eval_rows: int, domains: tuple[str, ...], seed: int, held_out: bool) -> None:
+@click.option("--pairs", is_flag=True, help="rows also carry chosen/rejected answers (for dpo/orpo/simpo/kto)")
+def synth(out_dir: str, train_rows: int, eval_rows: int, domains: tuple[str, ...], seed: int, held_out: bool,
+          pairs: bool) -> None:
     """Write a synthetic multi-domain task set (train.jsonl, eval.jsonl) to OUT_DIR."""
     from raylib.synthetic import write_dataset
 
-    paths = write_dataset(out_dir, train_rows, eval_rows, domains or None, seed, held_out=held_out)
+    paths = write_dataset(out_dir, train_rows, eval_rows, domains or None, seed, held_out=held_out, pairs=pairs)
     click.echo(f"wrote {paths['train']} and {paths['eval']}")
 
 

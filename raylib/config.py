@@ -48,6 +48,10 @@ class FieldMap(_Strict):
     messages: str = "messages"
     label: str = "label"   # classification: class name (or index) per row
     task: str = "task"     # classification: which head a row belongs to
+    prompt: str = "prompt"          # preference objectives: the prompt (text or chat messages)
+    chosen: str = "chosen"          # ... the preferred answer
+    rejected: str = "rejected"      # ... the dispreferred answer
+    completion: str = "completion"  # kto: one answer, judged by `label` (true = desirable)
 
 
 class DataConfig(_Strict):

@@ -339,14 +339,14 @@ def _chat_example(row: dict, tokenizer, f) -> Example:
     else:
         user = row[f.instruction] + (f"\n\n{row[f.input]}" if row.get(f.input) else "")
         msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": row[f.output]}]
-    prompt = list(_ids(tokenizer.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True)))
-    full = list(_ids(tokenizer.apply_chat_template(msgs, tokenize=True)))
+    prompt = list(chat_template_ids(tokenizer.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True)))
+    full = list(chat_template_ids(tokenizer.apply_chat_template(msgs, tokenize=True)))
     if full[: len(prompt)] != prompt:  # template not prefix-stable: train on everything
         return Example([], full)
     return Example(prompt, full[len(prompt) :])
 
 
-def _ids(encoded) -> list[int]:
+def chat_template_ids(encoded) -> list[int]:
     """apply_chat_template returns ids or a BatchEncoding depending on the version."""
     return encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
 
@@ -454,6 +454,10 @@ def preflight(job, tokenizer=None) -> DataReport:
         from raylib.objectives import classification
 
         return classification.preflight(job)
+    from raylib.objectives import PREFERENCE_OBJECTIVES, preference
+
+    if job.objective.name in PREFERENCE_OBJECTIVES:  # prompt + chosen/rejected (or kto's label)
+        return preference.preflight(job)
     report = DataReport()
     rows = valid_rows(load_rows(job.data.train, "data.train"), job.data, report, job.data.max_rows)
     if not rows:

@@ -1,9 +1,11 @@
 """Evaluation metrics: perplexity and token accuracy (teacher forcing on the response tokens),
-exact match, BLEU (sacrebleu, corpus level) and ROUGE-1/2/L F1 (rouge-score), all offline."""
+exact match, BLEU (sacrebleu, corpus level) and ROUGE-1/2/L F1 (rouge-score), all offline;
+and the steady step time every training loop reports."""
 
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Sequence
 
 
@@ -43,3 +45,9 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
 def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     return {"exact_match": exact_match(predictions, references), "bleu": bleu(predictions, references),
             **rouge(predictions, references)}
+
+
+def steady_step_time(step_times: list[float]) -> float:
+    """Median step time without the warm-up steps (allocator, first-call overheads)."""
+    steady = step_times[3:] if len(step_times) > 6 else step_times
+    return statistics.median(steady) if steady else 0.0

@@ -104,7 +104,11 @@ class ProgressPrinter:
         elif kind == "eval":
             self.evals.append(e)
             if self.enabled and e.get("eval_loss") is not None:
-                self._write(f"step {e['step']}: eval loss {e['eval_loss']:.4f}, token accuracy {e.get('eval_token_accuracy', 0):.3f}")
+                if "eval_reward_accuracy" in e:  # preference objectives
+                    detail = f"reward accuracy {e['eval_reward_accuracy']:.3f}, margin {e['eval_reward_margin']:.3f}"
+                else:
+                    detail = f"token accuracy {e.get('eval_token_accuracy', 0):.3f}"
+                self._write(f"step {e['step']}: eval loss {e['eval_loss']:.4f}, {detail}")
 
     def _show_step(self, e: dict) -> None:
         postfix = f"loss={e['loss']:.4f} lr={e['lr']:.2e} tok/s={e['tokens_per_s']:,.0f}"

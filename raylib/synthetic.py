@@ -113,16 +113,26 @@ def write_jsonl(rows: Iterable[dict], path: str) -> str:
 
 def write_dataset(
     out_dir: str, n_train: int = 2000, n_eval: int = 200, domains: Iterable[str] | None = None, seed: int = 0,
-    held_out: bool = False,
+    held_out: bool = False, pairs: bool = False,
 ) -> dict[str, str]:
     """Write train.jsonl and eval.jsonl (disjoint seeds) under `out_dir`; return their paths.
-    `held_out`: eval asks only test-split prompts, train none of them (`in_test_split`)."""
+    `held_out`: eval asks only test-split prompts, train none of them (`in_test_split`).
+    `pairs`: rows also carry `chosen`/`rejected` answers (`make_preference_rows`)."""
     domains = list(domains or DOMAINS)
     train, test = ("train", "test") if held_out else (None, None)
+    make = make_preference_rows if pairs else make_rows
     return {
-        "train": write_jsonl(make_rows(n_train, domains, seed, train), os.path.join(out_dir, "train.jsonl")),
-        "eval": write_jsonl(make_rows(n_eval, domains, seed + 10_000, test), os.path.join(out_dir, "eval.jsonl")),
+        "train": write_jsonl(make(n_train, domains, seed, train), os.path.join(out_dir, "train.jsonl")),
+        "eval": write_jsonl(make(n_eval, domains, seed + 10_000, test), os.path.join(out_dir, "eval.jsonl")),
     }
+
+
+def make_preference_rows(n: int, domains: Iterable[str] | None = None, seed: int = 0,
+                         split: Literal["train", "test"] | None = None) -> list[dict]:
+    """`make_rows` as preference pairs: chosen = the right answer, rejected = the answer of the
+    domain's other operation (`swapped_answer`, the mistake a half-trained model makes)."""
+    return [{**row, "chosen": row["output"], "rejected": swapped_answer(row)}
+            for row in make_rows(n, domains, seed, split)]
 
 
 def tokenizer_corpus(n: int = 3000, seed: int = 0) -> list[str]:

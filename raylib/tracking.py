@@ -25,7 +25,8 @@ import os
 log = logging.getLogger("raylib")
 
 STEP_KEYS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s"}
-EVAL_KEYS = {"eval_loss": "eval/loss", "eval_token_accuracy": "eval/token_accuracy"}
+EVAL_KEYS = {"eval_loss": "eval/loss", "eval_token_accuracy": "eval/token_accuracy",
+             "eval_reward_accuracy": "eval/reward_accuracy", "eval_reward_margin": "eval/reward_margin"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

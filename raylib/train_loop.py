@@ -13,18 +13,20 @@ from __future__ import annotations
 import logging
 import math
 import os
-import statistics
 import tempfile
 import time
 from typing import Any
 
 from raylib import backends, checkpointing, models, noise
 from raylib.checkpointing import TrainState
-from raylib.experts import ExpertInfo
 from raylib.methods import get_method
-from raylib.objectives import loop_objective
+from raylib.metrics import steady_step_time
+from raylib.objectives import WORKER_LOOP_OBJECTIVES, loop_objective
 
 log = logging.getLogger("raylib.train")
+
+#: eval metrics kept per eval in the run's history (train_state, run.json)
+HISTORY_KEYS = ("step", "eval_loss", "eval_token_accuracy", "eval_reward_accuracy", "eval_reward_margin")
 
 
 # --------------------------------------------------------------------------- sessions
@@ -92,7 +94,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from raylib.config import JobConfig
 
     job = JobConfig.model_validate(config["job"])
-    if job.objective.name in ("reinforce", "ppo", "grpo"):  # issue 5: RL objectives have their own loop
+    if job.objective.name not in WORKER_LOOP_OBJECTIVES:  # RL objectives have their own loop
         from raylib.objectives import rl
 
         return rl.run(job, RaySession(config.get("progress")), use_gpu=config.get("use_gpu", False))
@@ -127,7 +129,7 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
         log.info("%s: %s trainable of %s parameters (%.3f%%)", job.method.name, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     # data (the objective decides what a batch is; heads may cache backbone features here)
-    objective = loop_objective(job.objective.name)
+    objective = loop_objective(job)
     prepared = objective.prepare(job, tokenizer, model, accelerator.device)
     collator = objective.collator(job, tokenizer)
     loader = DataLoader(prepared.train, batch_size=job.train.batch_size, shuffle=True, collate_fn=collator)
@@ -164,7 +166,9 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
         log.info("rank %d resumed from %s at step %d", rank, resume_dir, state.step)
     else:
         state = TrainState()
-        state.eval_loss_before = evaluate().get("eval_loss")
+        before = evaluate()
+        state.eval_loss_before = before.get("eval_loss")
+        state.eval_before = {k: before[k] for k in HISTORY_KEYS if k in before and k not in ("step", "eval_loss")}
     last_saved = state.step if resume_dir else -1
     base_metrics = {
         "trainable_params": trainable,
@@ -243,18 +247,19 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
             do_ckpt = at_end or (checkpoint_every and state.step % checkpoint_every == 0)
             if do_eval or do_ckpt:
                 metrics = {**base_metrics, "step": state.step, "epoch": state.epoch, "tokens_seen": state.tokens_seen,
-                           "eval_loss_before": state.eval_loss_before, "packing_efficiency": real / max(padded, 1)}
+                           "eval_loss_before": state.eval_loss_before, "packing_efficiency": real / max(padded, 1),
+                           **{f"{k}_before": v for k, v in state.eval_before.items()}}
                 if do_eval:
                     metrics.update(evaluate())
-                    state.history.append({k: metrics.get(k) for k in ("step", "eval_loss", "eval_token_accuracy")})
+                    state.history.append({k: metrics[k] for k in HISTORY_KEYS if k in metrics})
                     session.progress({"type": "eval", **metrics})
                 if at_end:
                     metrics["step_time_p50"] = steady_step_time(step_times)
                     if device_type == "cuda":  # this rank's high-water mark of allocated GPU memory
                         metrics["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
                 if do_ckpt:
-                    _checkpoint(session, job, method, unwrapped, tokenizer, optimizer, scheduler, state, metrics, rank,
-                                engine)
+                    checkpointing.report_checkpoint(session, job, method, unwrapped, tokenizer, optimizer, scheduler,
+                                                   state, metrics, rank, engine)
                     last_saved = state.step
                 else:
                     session.report(metrics, None, None)
@@ -269,53 +274,6 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
         session.report({**base_metrics, "step": state.step}, None, None)
     return {"step": state.step, "step_times": step_times, "packing_efficiency": real / max(padded, 1), "state": state,
             "model": unwrapped}
-
-
-def steady_step_time(step_times: list[float]) -> float:
-    """Median step time without the warm-up steps (allocator, first-call overheads)."""
-    steady = step_times[3:] if len(step_times) > 6 else step_times
-    return statistics.median(steady) if steady else 0.0
-
-
-def _checkpoint(session, job, method, model, tokenizer, optimizer, scheduler, state, metrics, rank, engine=None) -> None:
-    """Rank 0 writes the checkpoint (DDP replicas are identical); every rank reports.
-
-    Under DeepSpeed every rank also writes its ZeRO shard of the engine state into its own
-    temporary directory and reports it under the same name: Ray Train merges the ranks'
-    files into one checkpoint directory and registers it only once all ranks reported.
-    """
-    name = f"step_{state.step:07d}"
-    if engine is not None:
-        return _checkpoint_deepspeed(session, job, method, model, tokenizer, scheduler, state, metrics, rank, engine, name)
-    if rank != 0:
-        session.report(metrics, None, name)
-        return
-    with tempfile.TemporaryDirectory(prefix="raylib-ckpt-") as tmp:
-        checkpointing.save(tmp, method=method, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                           scheduler=scheduler, state=state, info=_expert_info(job, metrics, state))
-        session.report(metrics, tmp, name)
-
-
-def _checkpoint_deepspeed(session, job, method, model, tokenizer, scheduler, state, metrics, rank, engine, name) -> None:
-    with tempfile.TemporaryDirectory(prefix="raylib-ckpt-") as tmp:
-        backends.save_engine_state(engine, os.path.join(tmp, checkpointing.DEEPSPEED_DIR))  # collective
-        with backends.gathered_trainable(model):  # ZeRO-3: whole trainable tensors on every rank
-            if rank == 0:
-                checkpointing.save(tmp, method=method, model=model, tokenizer=tokenizer, optimizer=None,
-                                   scheduler=scheduler, state=state, info=_expert_info(job, metrics, state))
-        session.report(metrics, tmp, name)
-
-
-def _expert_info(job, metrics, state) -> ExpertInfo:
-    return ExpertInfo(
-        method=job.method.name,
-        base_model=job.model.path,
-        domain=job.output.domain,
-        template=job.data.template,
-        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None},
-        config=job.to_dict(),
-        step=state.step,
-    )
 
 
 def _worker_node_ids(world: int) -> list[str]:

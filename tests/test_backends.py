@@ -278,7 +278,7 @@ def _rescore_any(job, expert_dir: str) -> float:
     from raylib import models
     from raylib.objectives import loop_objective
 
-    objective = loop_objective(job.objective.name)
+    objective = loop_objective(job)
     tok = models.load_tokenizer(job.model)
     model = METHODS[job.method.name].load(models.load_model(job.model), expert_dir).eval()
     prepared = objective.prepare(job, tok, model, "cpu")

@@ -133,3 +133,18 @@ def test_config_errors_survive_pickling():
     for err in (ConfigError("train.lr", "must be positive", "set train.lr > 0"), DataError("data.train", "is empty")):
         again = pickle.loads(pickle.dumps(err))
         assert type(again) is type(err) and str(again) == str(err) and again.field == err.field
+
+
+def test_every_example_job_validates():
+    """jobs/examples/*.yaml are what users copy: each is a valid job (search.yaml: a search)."""
+    import glob
+    import os
+
+    from raylib.config import load_job
+
+    root = os.path.join(os.path.dirname(__file__), "..", "jobs", "examples")
+    names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(root, "*.yaml")))
+    assert {"dpo.yaml", "dpo-svf.yaml", "simpo.yaml", "orpo.yaml", "kto.yaml", "lora.yaml"} <= set(names)
+    for name in names:
+        if name != "search.yaml":
+            load_job(os.path.join(root, name))

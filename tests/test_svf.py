@@ -167,17 +167,6 @@ def test_svf_sft_trains_only_z_and_resumes_exactly(tiny_model, demo_data, tmp_pa
         torch.testing.assert_close(z, a[n])
 
 
-@pytest.fixture(scope="session")
-def instruct_tiny_model() -> str:
-    """A tiny base pretrained partly in the alpaca template (about 6.5 minutes on 2 cores,
-    once per machine): it follows the format with a modest skill per domain, which SVF, only
-    rescaling singular values, can sharpen. The default tiny base never saw the template."""
-    from raylib.models import build_instruct_tiny
-
-    cache = os.environ.get("RAYLIB_TEST_CACHE", os.path.expanduser("~/.cache/raylib-tests"))
-    return build_instruct_tiny(os.path.join(cache, "tiny-llama-instruct"))
-
-
 @pytest.mark.slow
 def test_one_svf_expert_per_domain_beats_the_base(instruct_tiny_model, tmp_path):
     """The domains' SVF experts beat the base on their held-out test splits (no test prompt,

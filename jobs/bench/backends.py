@@ -38,7 +38,8 @@ def worker(args) -> None:
     import torch
 
     from raylib.config import validate_job
-    from raylib.train_loop import PlainSession, run, steady_step_time
+    from raylib.metrics import steady_step_time
+    from raylib.train_loop import PlainSession, run
 
     torch.set_num_threads(args.threads)
     out = os.path.join(args.work_dir, "runs", f"{args.backend}-{args.tag}")

@@ -109,7 +109,7 @@ def _rescore(job, expert_dir: str, device: str) -> tuple[float, dict]:
     from raylib.methods import get_method
     from raylib.objectives import loop_objective
 
-    objective = loop_objective(job.objective.name)
+    objective = loop_objective(job)
     tok = models.load_tokenizer(job.model)
     base = models.load_model(job.model, device)
     model = get_method(job.method.name).load(base, expert_dir)
@@ -189,8 +189,9 @@ def paths(args, work: str, use_gpu: bool, device: str) -> list[dict]:
 def bench_one(name: str, work: str, steps: int, use_gpu: bool, smoke: bool) -> dict:
     """One benchmark variant in this (fresh) process, without Ray: the worker loop alone."""
     from raylib.config import validate_job
+    from raylib.metrics import steady_step_time
     from raylib.models import build_tiny
-    from raylib.train_loop import PlainSession, run, steady_step_time
+    from raylib.train_loop import PlainSession, run
 
     size = {} if smoke else BENCH_MODEL
     model = build_tiny(os.path.join(os.path.dirname(work), "bench-model"), pretrain_steps=0, **size)

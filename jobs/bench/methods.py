@@ -5,7 +5,10 @@ every method sees the same batches; prompt learning cannot pack) in its own fres
 (so peak RSS is that method's), interleaved over `--repeats` rounds. `heads` runs on the
 synthetic classification rows (the same rows' text, labelled by task), once with cached
 backbone features (the fast path) and once with the full forward per step, which gives the
-cached-features speed-up. Prints one table, then one JSON line.
+cached-features speed-up. The preference objectives (dpo, simpo, orpo, kto, with LoRA) run on
+the synthetic pairs (`raylib synth --pairs`) next to SFT on the same pairs' chosen answers
+("sft (pairs)"), which gives DPO's step time over SFT's on the same data. Prints one table,
+then one JSON line.
 
     python jobs/bench/methods.py [--repeats 3] [--steps 20] [--threads 1] [--batch-size 4] [--methods lora,adalora]
 
@@ -32,20 +35,27 @@ HEADS_TASKS = {
     "domain": ["arithmetic", "strings", "comparison"],
     "operation": ["add", "subtract", "larger", "smaller", "reverse", "uppercase"],
 }
-#: name -> (method options, lr, classification?)
-VARIANTS: dict[str, tuple[dict, float, bool]] = {
-    "full": ({"name": "full"}, 5e-4, False),
-    "lora": ({"name": "lora", "r": 8}, 3e-3, False),
-    "qlora": ({"name": "qlora", "r": 8}, 3e-3, False),
-    "adalora": ({"name": "adalora", "init_r": 12, "target_r": 4, "tinit": 2, "tfinal": 4}, 1e-2, False),
-    "ia3": ({"name": "ia3"}, 3e-2, False),
-    "prefix": ({"name": "prefix", "num_virtual_tokens": 8}, 1e-2, False),
-    "ptuning": ({"name": "ptuning", "num_virtual_tokens": 8, "encoder_hidden_size": 64}, 1e-2, False),
-    "prompt": ({"name": "prompt", "num_virtual_tokens": 8, "init": "text", "init_text": "Answer the request."}, 3e-2, False),
-    "svf": ({"name": "svf", "targets": "mlp"}, 5e-3, False),
-    "heads (cached)": ({"name": "heads", "tasks": HEADS_TASKS, "cache_features": True}, 2e-2, True),
-    "heads (no cache)": ({"name": "heads", "tasks": HEADS_TASKS, "cache_features": False}, 2e-2, True),
-    "heads+lora": ({"name": "heads", "tasks": HEADS_TASKS, "lora": {"r": 4}}, 2e-2, True),
+#: name -> (method options, lr, data: sft | cls | pairs, objective)
+VARIANTS: dict[str, tuple[dict, float, str, str]] = {
+    "full": ({"name": "full"}, 5e-4, "sft", "sft"),
+    "lora": ({"name": "lora", "r": 8}, 3e-3, "sft", "sft"),
+    "qlora": ({"name": "qlora", "r": 8}, 3e-3, "sft", "sft"),
+    "adalora": ({"name": "adalora", "init_r": 12, "target_r": 4, "tinit": 2, "tfinal": 4}, 1e-2, "sft", "sft"),
+    "ia3": ({"name": "ia3"}, 3e-2, "sft", "sft"),
+    "prefix": ({"name": "prefix", "num_virtual_tokens": 8}, 1e-2, "sft", "sft"),
+    "ptuning": ({"name": "ptuning", "num_virtual_tokens": 8, "encoder_hidden_size": 64}, 1e-2, "sft", "sft"),
+    "prompt": ({"name": "prompt", "num_virtual_tokens": 8, "init": "text", "init_text": "Answer the request."}, 3e-2,
+               "sft", "sft"),
+    "svf": ({"name": "svf", "targets": "mlp"}, 5e-3, "sft", "sft"),
+    "heads (cached)": ({"name": "heads", "tasks": HEADS_TASKS, "cache_features": True}, 2e-2, "cls", "classification"),
+    "heads (no cache)": ({"name": "heads", "tasks": HEADS_TASKS, "cache_features": False}, 2e-2, "cls",
+                         "classification"),
+    "heads+lora": ({"name": "heads", "tasks": HEADS_TASKS, "lora": {"r": 4}}, 2e-2, "cls", "classification"),
+    "sft (pairs)": ({"name": "lora", "r": 8}, 3e-3, "pairs", "sft"),
+    "dpo (pairs)": ({"name": "lora", "r": 8}, 3e-3, "pairs", "dpo"),
+    "simpo (pairs)": ({"name": "lora", "r": 8}, 3e-3, "pairs", "simpo"),
+    "orpo (pairs)": ({"name": "lora", "r": 8}, 3e-3, "pairs", "orpo"),
+    "kto (pairs)": ({"name": "lora", "r": 8}, 3e-3, "pairs", "kto"),
 }
 
 
@@ -56,27 +66,27 @@ def one(name: str, work: str, steps: int, threads: int, batch_size: int = 4) -> 
     import torch
 
     from raylib.config import validate_job
+    from raylib.metrics import steady_step_time
     from raylib.models import build_tiny
     from raylib.synthetic import write_classification_dataset, write_dataset
-    from raylib.train_loop import PlainSession, run, steady_step_time
+    from raylib.train_loop import PlainSession, run
 
     torch.set_num_threads(threads)
     model = build_tiny(os.path.join(os.path.expanduser("~/.cache/raylib-tests"), "tiny-llama"))
-    method, lr, classification = VARIANTS[name]
-    if classification:
+    method, lr, kind, objective = VARIANTS[name]
+    if kind == "cls":
         data = write_classification_dataset(os.path.join(work, "cls"), 600, 60)
     else:
-        data = write_dataset(os.path.join(work, "sft"), 600, 30)
+        data = write_dataset(os.path.join(work, kind), 600, 30, pairs=kind == "pairs")
     job = {
         "model": {"path": model},
-        "data": {"train": data["train"], "eval": data["eval"], "max_length": 256 if not classification else 64,
+        "data": {"train": data["train"], "eval": data["eval"], "max_length": 64 if kind == "cls" else 256,
                  "packing": False},
         "method": method,
+        "objective": {"name": objective},
         "train": {"lr": lr, "max_steps": steps, "batch_size": batch_size, "checkpoint_every": 0},
         "output": {"dir": os.path.join(work, "out")},
     }
-    if classification:
-        job["objective"] = {"name": "classification"}
     session = PlainSession(os.path.join(work, "ckpt"))
     out = run(validate_job(job), session)
     final = session.reports[-1]
@@ -165,13 +175,20 @@ def main() -> None:
         per_round = [pairs[x["round"]] / x["step_ms"] for x in results["heads (cached)"] if x["round"] in pairs]
         speedup = round(statistics.median(per_round), 2) if per_round else None
         print(f"\nheads: cached features are {speedup}x faster per step than the full forward (median over rounds)")
+    dpo_vs_sft = None
+    if "dpo (pairs)" in by and "sft (pairs)" in by:
+        sft = {x["round"]: x["step_ms"] for x in results["sft (pairs)"]}
+        per_round = [x["step_ms"] / sft[x["round"]] for x in results["dpo (pairs)"] if x["round"] in sft]
+        dpo_vs_sft = round(statistics.median(per_round), 2) if per_round else None
+        print(f"dpo: a step over the same pairs takes {dpo_vs_sft}x an SFT step on their chosen answers (median over "
+              "rounds; chosen + rejected forwards and the reference forward, against one forward)")
     import torch
 
     print(json.dumps({
         "benchmark": "methods",
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, CPU only",
         "steps": args.steps, "repeats": args.repeats, "threads": args.threads, "batch_size": args.batch_size,
-        "heads_cache_speedup": speedup,
+        "heads_cache_speedup": speedup, "dpo_vs_sft_step": dpo_vs_sft,
         "rows": rows,
     }, default=lambda v: round(v, 4) if isinstance(v, float) else v))
 

@@ -61,7 +61,8 @@ def bench_forward(shapes, token_counts, repeats: int) -> list[dict]:
 _RUN = r"""
 import json, resource, sys
 from raylib.config import validate_job
-from raylib.train_loop import PlainSession, run, steady_step_time
+from raylib.metrics import steady_step_time
+from raylib.train_loop import PlainSession, run
 job = validate_job(json.loads({job!r}))
 out = run(job, PlainSession({ckpt!r}))
 print(json.dumps({{"step_time": steady_step_time(out["step_times"]),
@@ -101,9 +102,9 @@ def bench_methods(workdir: str, repeats: int, steps: int) -> dict:
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr[-3000:])
             results[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    from raylib.models import count_parameters, load_model
     from raylib.config import validate_job
     from raylib.methods import get_method
+    from raylib.models import count_parameters, load_model
 
     summary = {}
     for name, method in jobs.items():

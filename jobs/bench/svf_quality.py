@@ -78,8 +78,9 @@ def one_run(spec: dict) -> dict:
     from raylib.config import ModelConfig, validate_job
     from raylib.evaluation import exact_match
     from raylib.methods import get_method
+    from raylib.metrics import steady_step_time
     from raylib.models import count_parameters, load_model, load_tokenizer
-    from raylib.train_loop import PlainSession, run, steady_step_time
+    from raylib.train_loop import PlainSession, run
 
     rows = [json.loads(line) for line in open(spec["test"])]
     if spec["method"] == "base":

@@ -35,9 +35,10 @@ def main() -> None:
 
     from raylib import launch
     from raylib.config import validate_job
+    from raylib.metrics import steady_step_time
     from raylib.models import build_tiny
     from raylib.synthetic import write_dataset
-    from raylib.train_loop import PlainSession, run, steady_step_time
+    from raylib.train_loop import PlainSession, run
 
     work = args.work_dir or tempfile.mkdtemp(prefix="raylib-bench-")
     model = build_tiny(os.path.join(os.path.expanduser("~/.cache/raylib-tests"), "tiny-llama"))

@@ -35,15 +35,34 @@ def _classification_options() -> list:
 
 
 OBJECTIVE_OPTIONS += _classification_options()  # issue 4: heads (raylib/objectives/classification.py)
+
+
+def _preference_options() -> list:
+    from raylib.objectives.preference import OPTIONS
+
+    return OPTIONS
+
+
+OBJECTIVE_OPTIONS += _preference_options()  # issue 16: dpo, orpo, simpo, kto (raylib/objectives/preference.py)
+
+#: pairwise/binary preference objectives (raylib/objectives/preference.py)
+PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo", "kto")
+#: objectives trained by the shared worker loop (train_loop.run); the RL ones run their own
+WORKER_LOOP_OBJECTIVES = ("sft", "classification", *PREFERENCE_OBJECTIVES)
 ObjectiveOptions = (
     Annotated[Union[tuple(OBJECTIVE_OPTIONS)], Field(discriminator="name")] if len(OBJECTIVE_OPTIONS) > 1 else SFTOptions
 )
 
 
-def loop_objective(name: str):
-    """The module the SFT-style worker loop (train_loop.run) uses for data, loss and eval:
-    it has prepare(job, tokenizer, model, device), collator(job, tokenizer), loss(model,
+def loop_objective(job):
+    """What the SFT-style worker loop (train_loop.run) uses for data, loss and eval: an
+    object with prepare(job, tokenizer, model, device), collator(job, tokenizer), loss(model,
     batch) and evaluate(...). RL objectives run their own loops instead."""
+    name = job.objective.name
+    if name in PREFERENCE_OBJECTIVES:
+        from raylib.objectives.preference import PreferenceObjective
+
+        return PreferenceObjective(job)
     if name == "classification":
         from raylib.objectives import classification
 
@@ -60,6 +79,10 @@ def check_objective(job) -> None:
     if job.objective.name == "classification" and job.method.name != "heads":
         raise ConfigError("method.name", f"objective classification trains classification heads; {job.method.name!r} has none",
                           "set method.name: heads (with method.tasks), or objective.name: sft")
+    if job.objective.name in PREFERENCE_OBJECTIVES:
+        from raylib.objectives import preference
+
+        preference.check(job)
     if job.method.name == "adalora" and job.objective.name in ("reinforce", "ppo", "grpo"):
         # the RL loops neither call the rank allocator nor compute PEFT's labelled loss (orth reg)
         raise ConfigError("method.name", f"adalora is not wired into the {job.objective.name} loop (no rank allocation)",

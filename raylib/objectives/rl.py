@@ -30,7 +30,6 @@ Evaluation: mean reward of greedy answers on `data.eval` (`eval_rows` of them).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -41,6 +40,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from raylib.methods.reference import frozen_base
 
 log = logging.getLogger("raylib.rl")
 
@@ -101,21 +102,6 @@ def load_rows(job, which: str) -> list[dict]:
     norm = [{**r, "instruction": r[f.instruction], "input": r.get(f.input) or "", "output": r[f.output]}
             for r in (rows if which == "train" else eval_rows)]
     return norm
-
-
-@contextlib.contextmanager
-def reference(model, frozen_copy=None):
-    """The frozen base policy for the KL term: z = 1 (SVF), adapters off (PEFT), or a copy."""
-    from raylib.methods import svf
-
-    if svf.svf_modules(model):
-        with svf.base_mode(model):
-            yield model
-    elif hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield model
-    else:
-        yield frozen_copy
 
 
 def pad_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int, device):
@@ -288,7 +274,7 @@ def update(policy: Policy, micro_batches: list[MicroBatch], job) -> dict[str, An
     for mb in micro_batches:
         ids, attn, mask = pad_batch(mb.pairs, policy.tokenizer.pad_token_id, device)
         with torch.no_grad():
-            with reference(policy.unwrapped, policy.frozen) as ref_model:
+            with frozen_base(policy.unwrapped, policy.frozen) as ref_model:
                 ref_lp = token_logps(ref_model, ids, attn)
             old_lp = token_logps(policy.unwrapped, ids, attn) if obj.name == "ppo" else None
         adv = adv_all[offset : offset + len(mb.rewards)]
@@ -332,10 +318,10 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     from transformers import get_scheduler
 
     from raylib import checkpointing, models
-    from raylib.checkpointing import TrainState
-    from raylib.objectives.rewards import resolve
+    from raylib.checkpointing import TrainState, report_checkpoint
+    from raylib.metrics import steady_step_time
     from raylib.noise import quiet_libraries
-    from raylib.train_loop import _checkpoint, steady_step_time
+    from raylib.objectives.rewards import resolve
 
     obj = job.objective
     device_type = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
@@ -405,7 +391,7 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
             if at_end:
                 metrics["step_time_p50"] = steady_step_time(step_times)
             if do_ckpt:
-                _checkpoint(session, job, method, unwrapped, tokenizer, policy.optimizer, scheduler, state, metrics,
+                report_checkpoint(session, job, method, unwrapped, tokenizer, policy.optimizer, scheduler, state, metrics,
                             rank)
                 last_saved = state.step
             else:
@@ -442,13 +428,12 @@ def run_grpo(job, session, use_gpu: bool = False) -> dict[str, Any]:
     from trl import GRPOConfig, GRPOTrainer
 
     from raylib import checkpointing, models
-    from raylib.checkpointing import TrainState
+    from raylib.checkpointing import TrainState, report_checkpoint
     from raylib.evaluation import final_answer, prompts_for
     from raylib.methods import get_method
     from raylib.methods.peft_methods import PeftMethod
-    from raylib.objectives.rewards import resolve, score
     from raylib.noise import quiet_libraries
-    from raylib.train_loop import _checkpoint
+    from raylib.objectives.rewards import resolve, score
 
     obj = job.objective
     quiet_libraries("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -522,7 +507,7 @@ def run_grpo(job, session, use_gpu: bool = False) -> dict[str, Any]:
                 metrics = {**base_metrics, "step": step, "reward": logs["reward"], "kl": logs.get("kl")}
                 unwrapped = trainer.accelerator.unwrap_model(model)
                 rank = trainer.accelerator.process_index
-                _checkpoint(session, job, method, unwrapped, tokenizer, optimizer, lr_scheduler, ckpt_state, metrics, rank)
+                report_checkpoint(session, job, method, unwrapped, tokenizer, optimizer, lr_scheduler, ckpt_state, metrics, rank)
 
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config, callbacks=[Report()])
