@@ -48,6 +48,7 @@ class FieldMap(_Strict):
     messages: str = "messages"
     label: str = "label"   # classification: class name (or index) per row
     task: str = "task"     # classification: which head a row belongs to
+    conversations: str = "conversations"  # sharegpt / turns rows: the list of turns
     prompt: str = "prompt"          # preference objectives: the prompt (text or chat messages)
     chosen: str = "chosen"          # ... the preferred answer
     rejected: str = "rejected"      # ... the dispreferred answer
@@ -59,6 +60,9 @@ class DataConfig(_Strict):
     eval: str | None = None
     eval_split: float = Field(0.1, ge=0, lt=1, description="held-out share when data.eval is unset")
     template: Literal["alpaca", "chat", "plain"] = "alpaca"
+    format: Literal["auto", "instruction", "messages", "sharegpt", "turns"] = Field(
+        "auto", description="row shape: instruction/input/output, `messages` [{role, content}], ShareGPT "
+        "`conversations` [{from, value}], or `conversations` of {input, output} turns; auto: per row")
     fields: FieldMap = Field(default_factory=FieldMap)
     max_length: PositiveInt = 512
     packing: bool = True
@@ -201,7 +205,15 @@ def validate_job(raw: dict[str, Any], source: str = "job") -> JobConfig:
     METHODS[job.method.name].check(job)
     backends.check(job)
     check_objective(job)
+    _check_data(job)
     return job
+
+
+def _check_data(job: JobConfig) -> None:
+    d = job.data
+    if d.format in ("messages", "sharegpt", "turns") and d.template != "chat":
+        raise ConfigError("data.format", f"{d.format} rows are conversations, rendered with the tokenizer's chat "
+                          f"template, but data.template is {d.template!r}", "set data.template: chat")
 
 
 # --------------------------------------------------------------------------- error text

@@ -3,8 +3,10 @@
 - Sources: JSONL/JSON/CSV/parquet files, a `datasets.save_to_disk` directory, or
   `hf:<dataset id>[:split]` (HF `datasets`, works where a hub is reachable).
 - Templates: `alpaca` (the seeds' `### Instruction / ### Input / ### Output / ### End`),
-  `chat` (the tokenizer's chat template over `messages`, or instruction/output as a
-  user/assistant turn) and `plain` (a `text` column, every token trained).
+  `chat` (the tokenizer's chat template over a conversation — `messages`, ShareGPT
+  `conversations` or {input, output} turns, every assistant turn trained — or
+  instruction/output as one user/assistant turn) and `plain` (a `text` column, every token
+  trained).
 - Labels are masked (-100) on the prompt unless `data.train_on_prompt`.
 - Packing puts whole examples into sequences of at most `max_length` tokens
   (first-fit-decreasing). Each example keeps its own position ids, and transformers builds a
@@ -213,8 +215,22 @@ def _csv_problem(path: str, field_name: str) -> DataError | None:
 
 @dataclass
 class Example:
+    """Token ids of one example: the prompt (never trained unless data.train_on_prompt) and
+    the response. `response_mask` marks which response tokens train (None: all of them): a
+    multi-turn conversation's response runs from its first assistant turn to the end, and
+    only the assistant turns in it train, not the user turns between them."""
+
     prompt_ids: list[int]
     response_ids: list[int]
+    response_mask: list[bool] | None = None
+
+    def labels(self, train_on_prompt: bool) -> list[int]:
+        ids = self.prompt_ids + self.response_ids
+        if train_on_prompt:
+            return list(ids)
+        response = (self.response_ids if self.response_mask is None
+                    else [t if m else IGNORE for t, m in zip(self.response_ids, self.response_mask)])
+        return [IGNORE] * len(self.prompt_ids) + response
 
 
 @dataclass
@@ -255,17 +271,62 @@ class DataReport:
         }
 
 
+#: ShareGPT speaker names -> chat roles
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+
+
+def row_format(row: dict, data_cfg) -> str:
+    """Which shape a row has (`data.format`, or detected per row when it is `auto`)."""
+    if data_cfg.format != "auto":
+        return data_cfg.format
+    f = data_cfg.fields
+    if data_cfg.template == "chat" and row.get(f.messages) is not None:
+        return "messages"
+    turns = row.get(f.conversations)
+    if data_cfg.template == "chat" and isinstance(turns, list) and turns and isinstance(turns[0], dict):
+        return "sharegpt" if "from" in turns[0] or "value" in turns[0] else "turns"
+    return "instruction"
+
+
+def conversation(row: dict, data_cfg) -> tuple[list[dict] | None, str | None]:
+    """A conversation row as chat messages [{role, content}], or (None, why it is bad).
+    `messages` rows as they are; ShareGPT turns {from, value} by `SHAREGPT_ROLES`; seed 004's
+    turns {input, output} as a user and an assistant message each. The last message must be
+    a non-empty assistant turn (what the row trains)."""
+    f, kind = data_cfg.fields, row_format(row, data_cfg)
+    column = f.messages if kind == "messages" else f.conversations
+    turns = row.get(column)
+    if not isinstance(turns, list) or not turns:
+        return None, f"'{column}' is not a non-empty list"
+    msgs: list[dict] = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            return None, f"a turn of '{column}' is not an object"
+        if kind == "messages":
+            if not isinstance(turn.get("content"), str) or turn.get("role") not in ("system", "user", "assistant", "tool"):
+                return None, f"a message of '{column}' lacks role (system/user/assistant) or text content"
+            msgs.append({"role": turn["role"], "content": turn["content"]})
+        elif kind == "sharegpt":
+            role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
+            if role is None or not isinstance(turn.get("value"), str):
+                return None, f"a ShareGPT turn of '{column}' has an unknown 'from' or no text 'value'"
+            msgs.append({"role": role, "content": turn["value"]})
+        else:  # turns: {input, output}
+            if not all(isinstance(turn.get(k), str) and turn[k].strip() for k in ("input", "output")):
+                return None, f"a turn of '{column}' lacks text 'input' and 'output'"
+            msgs += [{"role": "user", "content": turn["input"]}, {"role": "assistant", "content": turn["output"]}]
+    if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"]:
+        return None, "last message is not a non-empty assistant turn"
+    return msgs, None
+
+
 def _row_problem(row: dict, data_cfg) -> str | None:
     f = data_cfg.fields
     if data_cfg.template == "plain":
         return _text_problem(row, f.text)
-    if data_cfg.template == "chat" and f.messages in row and row[f.messages] is not None:
-        msgs = row[f.messages]
-        if not isinstance(msgs, list) or not msgs:
-            return f"'{f.messages}' is not a non-empty list"
-        if not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "assistant" or not msgs[-1].get("content"):
-            return "last message is not a non-empty assistant turn"
-        return None
+    if row_format(row, data_cfg) != "instruction":
+        return conversation(row, data_cfg)[1]
     return _text_problem(row, f.instruction) or _text_problem(row, f.output)
 
 
@@ -325,7 +386,7 @@ def tokenize_rows(rows: list[dict], tokenizer, data_cfg) -> list[Example]:
         ids = tokenizer([r[f.text] for r in rows], add_special_tokens=True)["input_ids"]
         return [Example([], list(x) + eos) for x in ids]
     if data_cfg.template == "chat":
-        return [_chat_example(r, tokenizer, f) for r in rows]
+        return [_chat_example(r, tokenizer, data_cfg) for r in rows]
     prompts = [ALPACA.prompt(r[f.instruction], r.get(f.input) or "") for r in rows]
     responses = [r[f.output] + ALPACA.end for r in rows]
     p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
@@ -333,17 +394,45 @@ def tokenize_rows(rows: list[dict], tokenizer, data_cfg) -> list[Example]:
     return [Example(list(p), list(r) + eos) for p, r in zip(p_ids, r_ids)]
 
 
-def _chat_example(row: dict, tokenizer, f) -> Example:
-    if row.get(f.messages):
-        msgs = list(row[f.messages])
+def _chat_example(row: dict, tokenizer, data_cfg) -> Example:
+    """Every assistant turn trains: for turn i, the tokens the template adds between
+    `messages[:i]` + generation prompt and `messages[:i+1]`. A template that does not render
+    each of those as a prefix of the whole conversation (some strip earlier turns' reasoning)
+    cannot say where the turns are: then only the last turn trains, and when even the last
+    prompt is not a prefix, every token does."""
+    f = data_cfg.fields
+    if row_format(row, data_cfg) != "instruction":
+        msgs, _ = conversation(row, data_cfg)
     else:
         user = row[f.instruction] + (f"\n\n{row[f.input]}" if row.get(f.input) else "")
         msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": row[f.output]}]
-    prompt = list(chat_template_ids(tokenizer.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True)))
-    full = list(chat_template_ids(tokenizer.apply_chat_template(msgs, tokenize=True)))
-    if full[: len(prompt)] != prompt:  # template not prefix-stable: train on everything
-        return Example([], full)
-    return Example(prompt, full[len(prompt) :])
+
+    def render(messages, generation_prompt=False) -> list[int]:
+        return list(chat_template_ids(tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=generation_prompt)))
+
+    full = render(msgs)
+    spans = []  # (start, end) of each assistant turn in `full`
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        start, upto = render(msgs[:i], True) if i else [], render(msgs[: i + 1])
+        if full[: len(upto)] != upto or upto[: len(start)] != start:
+            spans = None
+            break
+        spans.append((len(start), len(upto)))
+    if not spans:
+        prompt = render(msgs[:-1], True)
+        if full[: len(prompt)] != prompt:  # template not prefix-stable: train on everything
+            return Example([], full)
+        return Example(prompt, full[len(prompt):])
+    first = spans[0][0]
+    mask = [False] * (len(full) - first)
+    for start, end in spans:
+        mask[start - first:end - first] = [True] * (end - start)
+    if len(spans) == 1 and spans[0][1] == len(full):
+        return Example(full[:first], full[first:])
+    return Example(full[:first], full[first:], mask)
 
 
 def chat_template_ids(encoded) -> list[int]:
@@ -360,7 +449,7 @@ def to_sequences(examples: list[Example], data_cfg, report: DataReport | None, s
     kept: list[tuple[list[int], list[int]]] = []
     for ex in examples:
         ids = ex.prompt_ids + ex.response_ids
-        labels = (list(ids) if data_cfg.train_on_prompt else [IGNORE] * len(ex.prompt_ids) + ex.response_ids)
+        labels = ex.labels(data_cfg.train_on_prompt)
         if len(ids) > max_len:
             if data_cfg.too_long == "drop":
                 if report is not None:

@@ -152,6 +152,87 @@ def test_chat_template_masks_the_user_turn(tok, tmp_path):
     assert "<|assistant|>" in tok.decode(ex.prompt_ids)
 
 
+CONVERSATION = [("Reverse the word. lamp", "pmal"), ("Uppercase the word. river", "RIVER"), ("What is 2 + 3?", "5")]
+
+
+def _trained_text(tok, ex: data.Example, job) -> list[str]:
+    """The decoded runs of trained tokens of an example, in order."""
+    ids, labels = ex.prompt_ids + ex.response_ids, ex.labels(job.data.train_on_prompt)
+    runs, cur = [], []
+    for t, lab in zip(ids, labels):
+        if lab == data.IGNORE:
+            if cur:
+                runs.append(tok.decode(cur).strip())
+            cur = []
+        else:
+            cur.append(t)
+    return runs + ([tok.decode(cur).strip()] if cur else [])
+
+
+@pytest.mark.parametrize("shape", ["messages", "sharegpt", "turns"])
+def test_every_assistant_turn_of_a_conversation_trains(shape, tok, tmp_path):
+    """Multi-turn rows in all three shapes (chat messages, ShareGPT, seed 004's turns) give the
+    same example: every assistant answer trains, no user turn does."""
+    job = _job(tmp_path, "x", template="chat", packing=False)
+    if shape == "messages":
+        row = {"messages": [m for u, a in CONVERSATION for m in ({"role": "user", "content": u},
+                                                                  {"role": "assistant", "content": a})]}
+    elif shape == "sharegpt":
+        row = {"conversations": [t for u, a in CONVERSATION for t in ({"from": "human", "value": u},
+                                                                      {"from": "gpt", "value": a})]}
+    else:
+        row = {"conversations": [{"input": u, "output": a} for u, a in CONVERSATION]}
+    assert data.row_format(row, job.data) == shape
+    (ex,) = data.tokenize_rows(data.valid_rows([row], job.data, data.DataReport()), tok, job.data)
+    trained = _trained_text(tok, ex, job)
+    assert [t.split(tok.eos_token)[0].strip() for t in trained] == ["pmal", "RIVER", "5"], trained
+    assert not any("Reverse" in t or "Uppercase" in t or "What is" in t for t in trained)
+    # packed sequences keep the per-turn labels
+    (seq,) = data.to_sequences([ex], job.data.model_copy(update={"packing": True}), None, seed=0)
+    assert seq["labels"][len(ex.prompt_ids):] == ex.labels(False)[len(ex.prompt_ids):]
+
+
+def test_bad_conversations_are_counted_and_need_the_chat_template(tmp_path):
+    job = _job(tmp_path, "x", template="chat")
+    rows = [{"conversations": [{"from": "narrator", "value": "hi"}, {"from": "gpt", "value": "x"}]},
+            {"conversations": [{"input": "a", "output": ""}]},
+            {"conversations": [{"from": "human", "value": "a"}]},
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
+    report = data.DataReport()
+    assert len(data.valid_rows(rows, job.data, report)) == 1
+    assert set(report.bad) == {"a ShareGPT turn of 'conversations' has an unknown 'from' or no text 'value'",
+                               "a turn of 'conversations' lacks text 'input' and 'output'",
+                               "last message is not a non-empty assistant turn"}
+    from raylib.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        _job(tmp_path, "x", template="alpaca", format="sharegpt")
+    assert err.value.field == "data.format" and "template: chat" in str(err.value)
+
+
+def test_multi_turn_sft_trains_every_turn(tiny_model, tmp_path):
+    """A real run on two-turn conversations (ShareGPT rows, packed): eval loss over both
+    assistant turns drops."""
+    from raylib.synthetic import make_rows, write_jsonl
+    from raylib.train_loop import PlainSession, run
+
+    rows = make_rows(400, seed=5)
+    convs = [{"conversations": [{"from": "human", "value": f"{a['instruction']} {a['input']}".strip()},
+                                {"from": "gpt", "value": a["output"]},
+                                {"from": "human", "value": f"{b['instruction']} {b['input']}".strip()},
+                                {"from": "gpt", "value": b["output"]}]} for a, b in zip(rows[::2], rows[1::2])]
+    paths = {"train": write_jsonl(convs[:180], str(tmp_path / "train.jsonl")),
+             "eval": write_jsonl(convs[180:], str(tmp_path / "eval.jsonl"))}
+    raw = job_dict(tiny_model, paths, str(tmp_path / "o"), train={"max_steps": 12, "checkpoint_every": 0})
+    raw["data"].update(template="chat", format="sharegpt")
+    job = validate_job(raw)
+    session = PlainSession(str(tmp_path / "ck"))
+    run(job, session)
+    final = session.reports[-1]
+    assert final["eval_loss"] < final["eval_loss_before"] - 0.5, final
+    assert final["data_bad_rows"] == 0 and final["packing_efficiency"] > 0.9
+
+
 def test_ffd_packing_respects_capacity_and_is_efficient():
     items = [([1] * n, [1] * n) for n in [30, 45, 12, 60, 25, 8, 33, 50, 41, 19] * 20]
     bins = data.pack_ffd(items, 128)
