@@ -45,12 +45,20 @@ def merge_expert(expert_dir: str, out_dir: str, base_model: str | None = None) -
         raise ConfigError("--base", f"the expert's base model {base_path!r} is not available", "pass --base PATH")
     if os.path.abspath(out_dir) == os.path.abspath(expert_dir):
         raise ConfigError("--merge", "OUT_DIR is the expert directory itself", "choose a new directory")
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype="float32")
+    tok_src = expert_dir if os.path.isfile(os.path.join(expert_dir, "tokenizer_config.json")) else base_path
+    tokenizer = AutoTokenizer.from_pretrained(tok_src)
+    if (info.config.get("objective") or {}).get("name") == "reward":  # the backbone with its score head
+        from raylib.config import ModelConfig
+        from raylib.models import load_model
+
+        base = load_model(ModelConfig(path=base_path, dtype="fp32"), head="reward")
+        base.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype="float32")
     merged = get_method(info.method).merge(base, expert_dir)
     os.makedirs(out_dir, exist_ok=True)
     merged.save_pretrained(out_dir, safe_serialization=True)
-    tok_src = expert_dir if os.path.isfile(os.path.join(expert_dir, "tokenizer_config.json")) else base_path
-    AutoTokenizer.from_pretrained(tok_src).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
     out_info = dataclasses.replace(
         info, method="full", config={**info.config, "method": {"name": "full"}},
         metrics={**info.metrics, "merged_from": os.path.abspath(expert_dir), "merged_method": info.method},

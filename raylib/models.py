@@ -8,6 +8,7 @@ who have one; with HF_HUB_OFFLINE=1 only local paths and the local cache do).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -67,8 +68,10 @@ def load_tokenizer(model_cfg):
     return tok
 
 
-def load_model(model_cfg, device=None, trains_weights: bool = False, inference: bool = False):
+def load_model(model_cfg, device=None, trains_weights: bool = False, inference: bool = False, head: str | None = None):
     """The base causal LM. Quantized models are placed on `device` at load (bitsandbytes).
+    `head="reward"`: the same backbone under transformers' sequence-classification class with
+    one output (a reward model's scalar score head, freshly initialised from the seed).
     `trains_weights`: the method updates the base weights themselves (see resolve_dtype).
     `inference`: the model only serves or scores (no training step will run on it), so
     4-bit layers may take bitsandbytes' packed inference kernel (see use_4bit_cpu_kernels)."""
@@ -91,7 +94,15 @@ def load_model(model_cfg, device=None, trains_weights: bool = False, inference: 
     from safetensors import SafetensorError
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, **kwargs)
+        if head == "reward":
+            from transformers import AutoModelForSequenceClassification
+
+            # transformers' load report lists what is expected here (the LM head unused, the
+            # score head new: it trains from the seed), on stderr at warning level
+            with _transformers_errors_only():
+                model = AutoModelForSequenceClassification.from_pretrained(model_cfg.path, num_labels=1, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_cfg.path, **kwargs)
     except (OSError, SafetensorError) as exc:  # a weights file missing or cut off (an interrupted copy)
         raise ConfigError(
             "model.path",
@@ -101,6 +112,18 @@ def load_model(model_cfg, device=None, trains_weights: bool = False, inference: 
     if quant is not None:
         use_4bit_cpu_kernels(model, inference)
     return model
+
+
+@contextlib.contextmanager
+def _transformers_errors_only():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def preflight(job) -> None:

@@ -119,7 +119,11 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     # model + method
     tokenizer = models.load_tokenizer(job.model)
     method = get_method(job.method.name)
-    model = models.load_model(job.model, accelerator.device, trains_weights=method.trains_base_weights)
+    objective = loop_objective(job)  # decides what a batch is (and the model's head, for reward models)
+    head = getattr(objective, "model_head", None)
+    model = models.load_model(job.model, accelerator.device, trains_weights=method.trains_base_weights, head=head)
+    if head is not None:  # the score is read at the last non-pad token
+        model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
     if job.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -128,8 +132,7 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     if rank == 0:
         log.info("%s: %s trainable of %s parameters (%.3f%%)", job.method.name, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    # data (the objective decides what a batch is; heads may cache backbone features here)
-    objective = loop_objective(job)
+    # data (heads may cache backbone features here)
     prepared = objective.prepare(job, tokenizer, model, accelerator.device)
     collator = objective.collator(job, tokenizer)
     loader = DataLoader(prepared.train, batch_size=job.train.batch_size, shuffle=True, collate_fn=collator)

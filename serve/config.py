@@ -238,6 +238,9 @@ def _check_paths(cfg: ServeConfig) -> None:
             info = read_expert(spec.path)
         except FileNotFoundError as exc:
             raise ConfigError(f"experts.{name}.path", str(exc), "point it at a dir written by raylib train/cem") from None
+        if (info.config.get("objective") or {}).get("name") == "reward":
+            raise ConfigError(f"experts.{name}.path", "a reward model scores answers, it does not generate them",
+                              "use it as an RL reward (objective.reward: model:<dir>), and serve generative experts")
         if info.method not in _servable():
             raise ConfigError(f"experts.{name}.path", f"method {info.method!r} cannot be served as a text generator",
                               f"serve experts of {sorted(_servable())}")

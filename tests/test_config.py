@@ -144,7 +144,7 @@ def test_every_example_job_validates():
 
     root = os.path.join(os.path.dirname(__file__), "..", "jobs", "examples")
     names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(root, "*.yaml")))
-    assert {"dpo.yaml", "dpo-svf.yaml", "simpo.yaml", "orpo.yaml", "kto.yaml", "lora.yaml"} <= set(names)
+    assert {"dpo.yaml", "dpo-svf.yaml", "simpo.yaml", "orpo.yaml", "kto.yaml", "reward.yaml", "lora.yaml"} <= set(names)
     for name in names:
         if name != "search.yaml":
             load_job(os.path.join(root, name))

@@ -190,13 +190,19 @@ def test_bad_preference_input_is_refused_before_ray(tiny_model, demo_data, pairs
     assert proc.stderr.strip().splitlines()[-1].startswith("error: data.train")
 
 
-@pytest.mark.parametrize("method, stage", [({"name": "lora", "r": 8, "dropout": 0.0}, 3), ({"name": "full"}, 2)])
-def test_dpo_on_deepspeed_two_workers(method, stage, ray_session, tiny_model, pairs, tmp_path):
+@pytest.mark.parametrize("objective, method, stage", [
+    ("dpo", {"name": "lora", "r": 8, "dropout": 0.0}, 3),
+    ("dpo", {"name": "full"}, 2),
+    ("reward", {"name": "lora", "r": 8, "dropout": 0.0}, 3),
+])
+def test_preference_objectives_on_deepspeed_two_workers(objective, method, stage, ray_session, tiny_model, pairs,
+                                                        tmp_path):
     """ZeRO-3 with LoRA: the reference forward (adapters off) runs over partitioned weights in
-    the step; ZeRO-2 with full weights: reference log-probs precomputed before the engine."""
+    the step; ZeRO-2 with full weights: reference log-probs precomputed before the engine;
+    a reward model's score head trains as PEFT's module to save, partitioned by ZeRO-3."""
     out = str(tmp_path / "run")
     lr = 1e-3 if method["name"] == "full" else 3e-3
-    job = _job(tiny_model, pairs, out, method=method, backend={"name": "deepspeed", "zero_stage": stage},
+    job = _job(tiny_model, pairs, out, objective, method=method, backend={"name": "deepspeed", "zero_stage": stage},
                scaling={"num_workers": 2}, train={"lr": lr, "max_steps": 12, "eval_every": 12})
     result = launch.train(job, show_progress=False)
     assert result.metrics["world_size"] == 2
@@ -236,3 +242,92 @@ def test_the_dpo_example_as_a_user_runs_it(instruct_tiny_model, tmp_path):
     info = json.load(open(tmp_path / "runs" / "dpo-lora" / "expert.json"))
     m = info["metrics"]
     assert m["eval_reward_accuracy"] >= 0.6 and m["eval_reward_margin"] > 0.1, m
+
+
+# --------------------------------------------------------------------------- reward models
+
+
+def _reward_model(tiny_model, pairs, out, method=None, steps=20):
+    lr = 1e-3 if (method or {}).get("name") == "full" else 3e-3
+    session = PlainSession(out + "-ck")
+    job = _job(tiny_model, pairs, out, "reward", method=method, train={"lr": lr, "max_steps": steps, "eval_every": steps})
+    run(job, session)
+    return session.reports[-1]
+
+
+@pytest.mark.parametrize("method", [{"name": "lora", "r": 8, "dropout": 0.0}, {"name": "full"}])
+def test_reward_model_learns_and_loads_with_plain_transformers(method, tiny_model, pairs, tmp_path):
+    """A scalar head on the backbone (AutoModelForSequenceClassification, one label), Bradley-
+    Terry on the pairs: held-out accuracy rises; the expert loads without raylib and scores a
+    prompt it never saw the way the run's eval did."""
+    report = _reward_model(tiny_model, pairs, str(tmp_path / "rm"), method)
+    _learned(report)
+    expert = os.path.join(report["checkpoint"], "expert")
+    load = (f"AutoModelForSequenceClassification.from_pretrained({expert!r}, num_labels=1)" if method["name"] == "full"
+            else f"PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained({tiny_model!r}, "
+                 f"num_labels=1, pad_token_id=tok.pad_token_id), {expert!r})")
+    proc = run_python(f"""
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from peft import PeftModel
+from raylib.data import ALPACA
+tok = AutoTokenizer.from_pretrained({expert!r})
+model = {load}.eval()
+def score(answer):
+    ids = tok(ALPACA.prompt("What is 17 + 20?")).input_ids + tok(answer + ALPACA.end, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        return model(torch.tensor([ids + [tok.eos_token_id]])).logits[0, 0].item()
+print(score("37") - score("37 37 37"))
+""")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split()[-1]) > 1.0
+    # a serve config cannot name it as a generating expert
+    from raylib.serve.config import validate_serve_config
+
+    with pytest.raises(ConfigError) as err:
+        validate_serve_config({"base_model": tiny_model, "experts": {"rm": expert},
+                               "router": {"strategy": "keywords", "keywords": {"rm": ["+"]}}})
+    assert err.value.field == "experts.rm.path" and "reward model" in str(err.value)
+    if method["name"] == "lora":  # `raylib export --merge`: one plain reward model, the same scores
+        from raylib.export import merge_expert
+        from raylib.objectives.preference import RewardModelScorer
+
+        merged = merge_expert(expert, str(tmp_path / "merged"))
+        rows = [{"instruction": "What is 17 + 20?"}] * 2
+        a = RewardModelScorer(expert).score_batch(["37", "37 37 37"], rows)
+        b = RewardModelScorer(merged).score_batch(["37", "37 37 37"], rows)
+        assert a == pytest.approx(b, abs=1e-4) and a[0] > a[1]
+
+
+def test_a_reward_model_is_the_reward_of_an_rl_run(tiny_model, pairs, tmp_path):
+    """`reward: model:<dir>`: REINFORCE on the base raises the mean score the trained reward
+    model gives its greedy answers on held-out prompts."""
+    from raylib.objectives import rewards, rl
+
+    report = _reward_model(tiny_model, pairs, str(tmp_path / "rm"))
+    expert = os.path.join(report["checkpoint"], "expert")
+    scorer = rewards.resolve(f"model:{expert}")
+    good, bad = rewards.score(scorer, "rm", ["52", "52 52 52"], [{"instruction": "Which is larger: 37 or 52?"}] * 2)
+    assert good > bad
+    job = validate_job(job_dict(
+        tiny_model, pairs, str(tmp_path / "rl"), method={"name": "lora", "r": 8, "dropout": 0.0},
+        objective={"name": "reinforce", "reward": f"model:{expert}", "num_samples": 4, "max_new_tokens": 8,
+                   "kl_coef": 0.01, "eval_rows": 32},
+        train={"lr": 3e-3, "max_steps": 8, "batch_size": 8, "checkpoint_every": 0, "eval_every": 8,
+               "lr_scheduler": "constant"}))
+    out = rl.run(job, PlainSession(str(tmp_path / "rl-ck")))
+    history = out["state"].history
+    assert history[-1]["eval_reward"] > history[0]["eval_reward"] + 0.5, history
+
+
+def test_reward_model_refusals(tiny_model, pairs, tmp_path):
+    for name in ("svf", "prefix"):
+        method = {"name": name, **({"num_virtual_tokens": 4} if name == "prefix" else {})}
+        with pytest.raises(ConfigError) as err:
+            _job(tiny_model, pairs, str(tmp_path / name), "reward", method=method)
+        assert err.value.field == "method.name" and "reward" in str(err.value)
+    from raylib.objectives import rewards
+
+    with pytest.raises(ConfigError) as err:
+        rewards.resolve(f"model:{tmp_path}")
+    assert err.value.field == "objective.reward" and "expert.json" in str(err.value)

@@ -5,7 +5,7 @@ every method sees the same batches; prompt learning cannot pack) in its own fres
 (so peak RSS is that method's), interleaved over `--repeats` rounds. `heads` runs on the
 synthetic classification rows (the same rows' text, labelled by task), once with cached
 backbone features (the fast path) and once with the full forward per step, which gives the
-cached-features speed-up. The preference objectives (dpo, simpo, orpo, kto, with LoRA) run on
+cached-features speed-up. The preference objectives (dpo, simpo, orpo, kto, and a reward model, with LoRA) run on
 the synthetic pairs (`raylib synth --pairs`) next to SFT on the same pairs' chosen answers
 ("sft (pairs)"), which gives DPO's step time over SFT's on the same data. Prints one table,
 then one JSON line.
@@ -56,6 +56,7 @@ VARIANTS: dict[str, tuple[dict, float, str, str]] = {
     "simpo (pairs)": ({"name": "lora", "r": 8}, 3e-3, "pairs", "simpo"),
     "orpo (pairs)": ({"name": "lora", "r": 8}, 3e-3, "pairs", "orpo"),
     "kto (pairs)": ({"name": "lora", "r": 8}, 3e-3, "pairs", "kto"),
+    "reward (pairs)": ({"name": "lora", "r": 8}, 3e-3, "pairs", "reward"),
 }
 
 

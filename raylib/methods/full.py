@@ -55,6 +55,9 @@ class FullFineTuning(Method):
             )
 
     def load(self, base_model, src_dir: str):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        return AutoModelForCausalLM.from_pretrained(src_dir, dtype=base_model.dtype)
+        # a reward model (objective reward) was saved with its score head: load it as one
+        auto = (AutoModelForSequenceClassification if type(base_model).__name__.endswith("ForSequenceClassification")
+                else AutoModelForCausalLM)
+        return auto.from_pretrained(src_dir, dtype=base_model.dtype)

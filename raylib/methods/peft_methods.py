@@ -118,6 +118,10 @@ class PeftMethod(Method):
 
     task_type = "CAUSAL_LM"
 
+    def task_type_for(self, job) -> str:
+        """SEQ_CLS for a reward model (PEFT then also trains and saves its `score` head)."""
+        return "SEQ_CLS" if job.objective.name == "reward" else self.task_type
+
     @abstractmethod
     def peft_config(self, job, model=None):
         """The PEFT config object built from `job.method` (`model`: the base, when known)."""
@@ -173,7 +177,7 @@ class LoRA(PeftMethod):
 
         o = job.method
         return LoraConfig(
-            task_type=self.task_type,
+            task_type=self.task_type_for(job),
             r=o.r,
             lora_alpha=o.alpha,
             lora_dropout=o.dropout,
@@ -234,7 +238,7 @@ class AdaLoRA(PeftMethod):
 
         o = job.method
         return AdaLoraConfig(
-            task_type=self.task_type,
+            task_type=self.task_type_for(job),
             init_r=o.init_r,
             target_r=o.target_r,
             tinit=o.tinit,
@@ -494,7 +498,7 @@ class IA3(PeftMethod):
         from peft import IA3Config
 
         o = job.method
-        kwargs = dict(task_type=self.task_type, modules_to_save=o.modules_to_save, **o.extra)
+        kwargs = dict(task_type=self.task_type_for(job), modules_to_save=o.modules_to_save, **o.extra)
         if o.target_modules is not None:
             kwargs["target_modules"] = o.target_modules
             kwargs["feedforward_modules"] = o.feedforward_modules or []
@@ -604,7 +608,7 @@ class _PromptLearning(PeftMethod):
 
     def common(self, job) -> dict:
         o = job.method
-        out = dict(task_type=self.task_type, num_virtual_tokens=o.num_virtual_tokens, **o.extra)
+        out = dict(task_type=self.task_type_for(job), num_virtual_tokens=o.num_virtual_tokens, **o.extra)
         if o.modules_to_save is not None:
             out["modules_to_save"] = o.modules_to_save
         return out

@@ -43,10 +43,10 @@ def _preference_options() -> list:
     return OPTIONS
 
 
-OBJECTIVE_OPTIONS += _preference_options()  # issue 16: dpo, orpo, simpo, kto (raylib/objectives/preference.py)
+OBJECTIVE_OPTIONS += _preference_options()  # issue 16: dpo, orpo, simpo, kto, reward (objectives/preference.py)
 
-#: pairwise/binary preference objectives (raylib/objectives/preference.py)
-PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo", "kto")
+#: pairwise/binary preference objectives and reward models (raylib/objectives/preference.py)
+PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo", "kto", "reward")
 #: objectives trained by the shared worker loop (train_loop.run); the RL ones run their own
 WORKER_LOOP_OBJECTIVES = ("sft", "classification", *PREFERENCE_OBJECTIVES)
 ObjectiveOptions = (
@@ -59,6 +59,10 @@ def loop_objective(job):
     object with prepare(job, tokenizer, model, device), collator(job, tokenizer), loss(model,
     batch) and evaluate(...). RL objectives run their own loops instead."""
     name = job.objective.name
+    if name == "reward":
+        from raylib.objectives.preference import RewardObjective
+
+        return RewardObjective(job)
     if name in PREFERENCE_OBJECTIVES:
         from raylib.objectives.preference import PreferenceObjective
 

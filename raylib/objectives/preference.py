@@ -83,7 +83,25 @@ class KTOOptions(_PreferenceOptions):
     undesirable_weight: float = Field(1.0, gt=0)
 
 
-OPTIONS = [DPOOptions, SimPOOptions, ORPOOptions, KTOOptions]
+class RewardOptions(BaseModel):
+    """A reward model: a scalar head on the backbone, Bradley-Terry loss on the pairs."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["reward"]
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="TRL's: adds coef·mean((r_c + r_r)²) so rewards stay centred on 0")
+
+
+OPTIONS = [DPOOptions, SimPOOptions, ORPOOptions, KTOOptions, RewardOptions]
+
+#: methods whose expert cannot hold a trained reward head, with the reason
+REWARD_UNSUPPORTED = {
+    "svf": "an SVF expert holds only z vectors, and a reward model's scalar head trains from scratch",
+    "heads": "heads experts are multi-class classifiers; a reward model is one scalar head (objective reward)",
+    "prefix": "PEFT's prompt learning is not wired for the sequence-classification head here",
+    "ptuning": "PEFT's prompt learning is not wired for the sequence-classification head here",
+    "prompt": "PEFT's prompt learning is not wired for the sequence-classification head here",
+}
 
 
 # --------------------------------------------------------------------------- rows -> items
@@ -258,6 +276,9 @@ def check(job) -> None:
     from raylib.methods import get_method
 
     name = job.objective.name
+    if name == "reward" and job.method.name in REWARD_UNSUPPORTED:
+        raise ConfigError("method.name", f"objective reward cannot train method {job.method.name!r}: "
+                          f"{REWARD_UNSUPPORTED[job.method.name]}", "use method lora, qlora, adalora, ia3 or full")
     if job.method.name == "heads":
         raise ConfigError("method.name", f"objective {name} trains a generative policy; heads experts classify",
                           "use method lora/svf/full (or any adapter method)")
@@ -321,6 +342,9 @@ class Collator:
 
 class PreferenceObjective:
     """What the worker loop needs: prepare, collator, loss, evaluate (see train_loop.run)."""
+
+    #: the model the loop loads: a causal LM (None) or one with a scalar score head ("reward")
+    model_head: str | None = None
 
     def __init__(self, job):
         self.job, self.opts = job, job.objective
@@ -470,3 +494,75 @@ def _precompute_reference(model, items: list[dict], collator, batch_size: int, d
                 it["ref_logps"] = (x, y)
     if was_training:
         model.train()
+
+
+# --------------------------------------------------------------------------- reward models
+
+
+class RewardObjective(PreferenceObjective):
+    """`objective: {name: reward}`: the backbone with a scalar head (transformers'
+    `AutoModelForSequenceClassification`, num_labels = 1, the score of the last real token,
+    TRL's reward-model layout); loss −log σ(r_c − r_r) (Bradley-Terry), as TRL's RewardTrainer.
+    The published expert loads with plain transformers (+ PEFT): a full model or an adapter
+    whose `modules_to_save` holds the head. Eval: accuracy and margin of r_c over r_r."""
+
+    model_head = "reward"
+
+    def losses(self, model, batch):
+        import torch.nn.functional as F
+
+        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        use_cache=False).logits[:, 0].float()
+        rc, rr = rewards.chunk(2)
+        loss = -F.logsigmoid(rc - rr)
+        if self.opts.center_rewards_coefficient:
+            loss = loss + self.opts.center_rewards_coefficient * (rc + rr) ** 2
+        return loss, rc.detach(), rr.detach()
+
+
+class RewardModelScorer:
+    """`reward: model:<expert dir>` for the RL objectives: a trained reward expert scores each
+    (prompt, completion) as it scored pairs in training (same template, same tokens)."""
+
+    def __init__(self, expert_dir: str, device="cpu"):
+        import torch
+
+        from raylib import models
+        from raylib.config import ModelConfig
+        from raylib.experts import read_expert
+        from raylib.methods import get_method
+
+        info = read_expert(expert_dir)
+        if (info.config.get("objective") or {}).get("name") != "reward":
+            raise ConfigError("objective.reward", f"{expert_dir!r} is not a reward model (its objective is "
+                              f"{(info.config.get('objective') or {}).get('name', 'sft')!r})",
+                              "train one with objective: {name: reward}, or use a built-in reward")
+        self.template, self.device = info.template, torch.device(device)
+        self.tokenizer = models.load_tokenizer(ModelConfig(path=expert_dir))
+        base = models.load_model(ModelConfig(path=info.base_model), self.device, head="reward")
+        base.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model = get_method(info.method).load(base, expert_dir).to(self.device).eval()
+        self.name = f"model:{expert_dir}"
+
+    def __call__(self, completion: str, row: dict) -> float:
+        return self.score_batch([completion], [row])[0]
+
+    def score_batch(self, completions: list[str], rows: list[dict]) -> list[float]:
+        import torch
+
+        from raylib.evaluation import final_answer
+
+        seqs = []
+        for completion, row in zip(completions, rows):
+            prompt = row.get("prompt") or {"instruction": row.get("instruction", ""), "input": row.get("input") or ""}
+            prompt_ids, messages = _prompt_ids(prompt, self.template, self.tokenizer)
+            seqs.append(prompt_ids + _answer_ids(final_answer(completion), prompt_ids, messages, self.template,
+                                                 self.tokenizer))
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, x in enumerate(seqs):
+            ids[i, :len(x)], attn[i, :len(x)] = torch.tensor(x), 1
+        with torch.no_grad():
+            out = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits[:, 0]
+        return out.float().tolist()

@@ -10,6 +10,8 @@ Built in (`objective.reward`):
 - `contains`:    1.0 if the reference occurs in the completion (seed 000's target presence);
 - `numeric`:     1.0 if the first number in the completion equals the reference number
                  (within 1e-6 relative), else 0.0;
+- `model:<dir>`: a reward model trained by raylib (`objective: {name: reward}`) scores the
+                 prompt and completion (objectives/preference.py `RewardModelScorer`);
 - `code_tests`:  runs the completion as Python followed by `row["tests"]` (asserts) in a
                  separate `python -I` subprocess with a timeout, no network (network
                  syscalls are blocked by replacing `socket.socket` before the code runs,
@@ -110,9 +112,17 @@ BUILTIN: dict[str, RewardFn] = {
 
 
 def resolve(spec: str) -> RewardFn:
-    """A built-in name or `package.module:function`. Raises ConfigError."""
+    """A built-in name, `model:<reward expert dir>` or `package.module:function`. Raises ConfigError."""
     if spec in BUILTIN:
         return BUILTIN[spec]
+    if spec.startswith("model:"):
+        from raylib.objectives.preference import RewardModelScorer
+
+        path = spec[len("model:"):]
+        if not os.path.isfile(os.path.join(path, "expert.json")):
+            raise ConfigError("objective.reward", f"{path!r} is not a raylib expert (no expert.json)",
+                              "point model: at the output.dir of an objective: {name: reward} run")
+        return RewardModelScorer(path)
     if ":" not in spec:
         raise ConfigError("objective.reward", f"unknown reward {spec!r}",
                           f"use one of {', '.join(BUILTIN)} or a 'module:function' path")
@@ -128,7 +138,13 @@ def resolve(spec: str) -> RewardFn:
 
 
 def score(fn: RewardFn, name: str, completions: list[str], rows: list[dict]) -> list[float]:
-    """Rewards for completions; any failure becomes a RewardError naming the function."""
+    """Rewards for completions; any failure becomes a RewardError naming the function. A
+    scorer with `score_batch` (a reward model) scores them in one forward."""
+    if hasattr(fn, "score_batch"):
+        try:
+            return [float(v) for v in fn.score_batch(completions, rows)]
+        except Exception as exc:
+            raise RewardError(f"reward {name!r} raised {type(exc).__name__}: {exc}") from exc
     out = []
     for completion, row in zip(completions, rows):
         try:
