@@ -39,7 +39,10 @@ class TrainState:
     history: list = field(default_factory=list)  # eval results: [{"step", "eval_loss", ...}]
 
 
-def save(ckpt_dir: str, *, method, model, tokenizer, optimizer, scheduler, state: TrainState, info: ExpertInfo) -> str:
+def save(ckpt_dir: str, *, method, model, tokenizer, optimizer, scheduler, state: TrainState, info: ExpertInfo,
+         modules: dict | None = None) -> str:
+    """`modules`: training-only modules that are not part of the expert (PPO's value head),
+    written as train_state/<name>.pt and read back by `restore(modules=...)`."""
     import torch
 
     expert_dir = os.path.join(ckpt_dir, "expert")
@@ -55,6 +58,8 @@ def save(ckpt_dir: str, *, method, model, tokenizer, optimizer, scheduler, state
 
         time.sleep(delay)
     method.save_train_state(model, state_dir)
+    for name, module in (modules or {}).items():
+        torch.save(module.state_dict(), os.path.join(state_dir, f"{name}.pt"))
     if optimizer is not None:  # DeepSpeed: the engine checkpoint holds the optimizer state
         torch.save(optimizer.state_dict(), os.path.join(state_dir, "optimizer.pt"))
     torch.save(scheduler.state_dict(), os.path.join(state_dir, "scheduler.pt"))
@@ -69,7 +74,7 @@ def is_complete(ckpt_dir: str) -> bool:
     return os.path.isfile(os.path.join(ckpt_dir, "train_state", STATE_FILE))
 
 
-def restore(ckpt_dir: str, *, method, model, optimizer, scheduler, engine=None) -> TrainState:
+def restore(ckpt_dir: str, *, method, model, optimizer, scheduler, engine=None, modules: dict | None = None) -> TrainState:
     import torch
 
     if not is_complete(ckpt_dir):
@@ -83,6 +88,8 @@ def restore(ckpt_dir: str, *, method, model, optimizer, scheduler, engine=None) 
         method.load_into(model, os.path.join(ckpt_dir, "expert"))
         optimizer.load_state_dict(torch.load(os.path.join(state_dir, "optimizer.pt"), weights_only=False))
     method.load_train_state(model, state_dir)
+    for name, module in (modules or {}).items():
+        module.load_state_dict(torch.load(os.path.join(state_dir, f"{name}.pt"), weights_only=True))
     scheduler.load_state_dict(torch.load(os.path.join(state_dir, "scheduler.pt"), weights_only=False))
     with open(os.path.join(state_dir, STATE_FILE)) as f:
         return TrainState(**json.load(f))
@@ -91,7 +98,8 @@ def restore(ckpt_dir: str, *, method, model, optimizer, scheduler, engine=None) 
 # --------------------------------------------------------------------------- every objective's writer
 
 
-def report_checkpoint(session, job, method, model, tokenizer, optimizer, scheduler, state, metrics, rank, engine=None) -> None:
+def report_checkpoint(session, job, method, model, tokenizer, optimizer, scheduler, state, metrics, rank, engine=None,
+                      modules: dict | None = None) -> None:
     """Rank 0 writes the checkpoint (DDP replicas are identical); every rank reports.
 
     Under DeepSpeed every rank also writes its ZeRO shard of the engine state into its own
@@ -108,7 +116,7 @@ def report_checkpoint(session, job, method, model, tokenizer, optimizer, schedul
         return
     with tempfile.TemporaryDirectory(prefix="raylib-ckpt-") as tmp:
         save(tmp, method=method, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-             state=state, info=expert_info(job, metrics, state))
+             state=state, info=expert_info(job, metrics, state), modules=modules)
         session.report(metrics, tmp, name)
 
 

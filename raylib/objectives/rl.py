@@ -7,7 +7,8 @@ train_state/), so `--resume` and Ray's automatic restore work the same way.
 Data: the rows of `data.train` (instruction/input/output, the `alpaca` or `chat` template)
 are prompts; `output` is the reference the reward function sees (with the whole row).
 
-reinforce / ppo (one loop, shared rollout and reward code), per training step and worker:
+reinforce / ppo (one loop, shared rollout and reward code), per training step and worker
+(ppo replaces steps 3-5 by actor-critic PPO: `ppo_update`):
   1. take `train.grad_accum` micro-batches of `train.batch_size` prompts (a deterministic
      function of the step, so resume is exact), sample `num_samples` completions each
      (temperature, max_new_tokens) — `sample_step`;
@@ -15,16 +16,19 @@ reinforce / ppo (one loop, shared rollout and reward code), per training step an
   3. advantages: reward minus the mean reward of the prompt's own group of samples
      (with `num_samples: 1`, minus the step's mean) — a group/mean baseline, no value head;
      `normalize: true` also divides by the group's std (GRPO-style);
+     ppo instead: per-token rewards −kl_coef·(log π − log π_base) plus the score on the last
+     token, values from the value head, GAE(γ, λ) advantages and returns;
   4. KL to the frozen base model: per-token k3 estimator exp(b−p)−(b−p)−1 on the sampled
      tokens, with log-probs b from the base = the same network with z = 1 for SVF, PEFT
      adapters disabled for LoRA-family methods, a frozen copy for full fine-tuning;
-  5. reinforce: loss = −mean_seq(A·Σ_t log π(y_t)) / mean completion length + kl_coef·KL;
-     ppo: log-probs of the sampling policy are kept, then `ppo_epochs` passes of the
-     clipped objective −mean_t min(ρ_t·A, clip(ρ_t, 1−ε, 1+ε)·A) + kl_coef·KL.
-     Steps 3–5 are `update`: each pass accumulates the gradient over the step's micro-batches
-     and makes one optimizer step, so `grad_accum` means what it means for SFT: a step's
-     batch is batch_size × grad_accum prompts per worker, and an epoch is as many steps as
-     SFT counts (`steps_per_epoch`).
+  5. reinforce: loss = −mean_seq(A·Σ_t log π(y_t)) / mean completion length + kl_coef·KL.
+     Steps 3–5 are `update`: it accumulates the gradient over the step's micro-batches and
+     makes one optimizer step, so `grad_accum` means what it means for SFT: a step's batch
+     is batch_size × grad_accum prompts per worker, and an epoch is as many steps as SFT
+     counts (`steps_per_epoch`).
+     ppo: `ppo_epochs` passes over the step's micro-batches in a seeded shuffled order, one
+     optimizer step per micro-batch (PPO's minibatch): −mean_t min(ρ_t·A_t, clip(ρ_t)·A_t)
+     + vf_coef·½·mean_t max((V−R)², (clip(V, V_old ± value_clip)−R)²).
 Evaluation: mean reward of greedy answers on `data.eval` (`eval_rows` of them).
 """
 
@@ -66,12 +70,20 @@ class ReinforceOptions(_RLOptions):
 
 
 class PPOOptions(_RLOptions):
-    """PPO-clip (our loop; TRL 1.x has no PPOTrainer), group-mean advantages, no value head."""
+    """PPO as InstructGPT and TRL's former PPOTrainer run it (TRL 1.x has none): actor-critic
+    with a value head on the policy's last hidden state, the KL to the base as a per-token
+    penalty in the reward, GAE advantages, clipped policy and value losses, `ppo_epochs`
+    passes over the rollout's micro-batches (minibatches) with one optimizer step each."""
 
     name: Literal["ppo"]
-    clip: float = Field(0.2, gt=0, lt=1)
-    ppo_epochs: PositiveInt = 2
-    normalize: bool = True
+    num_samples: PositiveInt = Field(1, description="completions sampled per prompt")
+    clip: float = Field(0.2, gt=0, lt=1, description="policy ratio clip ε")
+    value_clip: float = Field(0.2, gt=0, description="value clip around the rollout's values")
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
+    gamma: float = Field(1.0, gt=0, le=1, description="discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ")
+    ppo_epochs: PositiveInt = Field(4, description="passes over the rollout per training step")
+    whiten: bool = Field(True, description="normalise advantages over the rollout's tokens")
 
 
 class GRPOOptions(_RLOptions):
@@ -190,6 +202,7 @@ class Policy:
     tokenizer: Any
     method: Any
     frozen: Any = None
+    critic: Any = None  # ppo: the unwrapped ActorCritic (policy + value head) that `model` wraps
 
 
 @dataclass
@@ -223,6 +236,14 @@ def build_policy(job, device_type: str) -> Policy:
     model.config.use_cache = False
     model = method.apply(model, job)
     frozen = copy.deepcopy(model).requires_grad_(False).eval() if job.method.name == "full" else None
+    if job.objective.name == "ppo":  # the value head trains with the policy, in one optimizer and one DDP module
+        from raylib.objectives.actor_critic import ActorCritic
+
+        critic = ActorCritic(model, model.config.hidden_size).to(accelerator.device)
+        accelerator.gradient_accumulation_steps = 1  # one optimizer step per PPO minibatch
+        optimizer = backends.build_optimizer(critic, job.train)
+        wrapped, optimizer = accelerator.prepare(critic, optimizer)
+        return Policy(accelerator, wrapped, model, optimizer, tokenizer, method, frozen, critic)
     optimizer = backends.build_optimizer(model, job.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     return Policy(accelerator, model, accelerator.unwrap_model(model), optimizer, tokenizer, method, frozen)
@@ -249,14 +270,14 @@ def sample_step(policy: Policy, shard: list[dict], job, step: int, rank: int, re
 def update(policy: Policy, micro_batches: list[MicroBatch], job) -> dict[str, Any]:
     """The policy update of one training step from its rollouts.
 
-    reinforce makes one optimizer step, ppo `ppo_epochs` of them; each accumulates gradients
-    over all `micro_batches` (exactly `train.grad_accum` of them) under
-    `accelerator.accumulate`, so the optimizer steps once per pass, as in SFT. Everything that
+    One optimizer step; it accumulates gradients over all `micro_batches` (exactly
+    `train.grad_accum` of them) under `accelerator.accumulate`, so the optimizer steps once,
+    as in SFT. Everything that
     spans samples is computed over the whole step, not per micro-batch: the advantages'
     baseline (the batch mean when `num_samples` is 1), reinforce's mean completion length, and
     the mean over sequences. So grad_accum micro-batches give the gradient one batch of all
     their samples would give — they only bound the memory of a forward/backward.
-    Returns the last pass's mean loss and its per-sample KL (a tensor).
+    Returns the mean loss and the per-sample KL (a tensor).
     """
     import torch
 
@@ -269,45 +290,124 @@ def update(policy: Policy, micro_batches: list[MicroBatch], job) -> dict[str, An
     adv_all = advantages(rewards, obj.num_samples, obj.normalize).to(device)
     n_samples = len(rewards)
 
-    # no-grad pieces, before any optimizer step: reference log-probs, ppo's sampling-policy log-probs
+    # no-grad pieces, before the optimizer step: reference log-probs
     parts, offset = [], 0
     for mb in micro_batches:
         ids, attn, mask = pad_batch(mb.pairs, policy.tokenizer.pad_token_id, device)
         with torch.no_grad():
             with frozen_base(policy.unwrapped, policy.frozen) as ref_model:
                 ref_lp = token_logps(ref_model, ids, attn)
-            old_lp = token_logps(policy.unwrapped, ids, attn) if obj.name == "ppo" else None
         adv = adv_all[offset : offset + len(mb.rewards)]
         offset += len(mb.rewards)
-        parts.append((ids, attn, mask, mask.sum(1).clamp(min=1), adv, ref_lp, old_lp))
+        parts.append((ids, attn, mask, mask.sum(1).clamp(min=1), adv, ref_lp))
     mean_len = torch.cat([p[3] for p in parts]).float().mean()
     # accelerator.backward divides every micro-batch's loss by grad_accum: scaling a sum over
     # sequences by grad_accum / n_samples makes the accumulated gradient that of the step's mean
     weight = accelerator.gradient_accumulation_steps / n_samples
 
     model.train()
-    for _ in range(obj.ppo_epochs if obj.name == "ppo" else 1):
-        loss_sum, kls = 0.0, []
-        for ids, attn, mask, n_tok, adv, ref_lp, old_lp in parts:
-            with accelerator.accumulate(model):
-                lp = token_logps(model, ids, attn)
-                delta = (ref_lp - lp).clamp(-20, 20)
-                kl = ((delta.exp() - delta - 1) * mask).sum(1) / n_tok
-                if obj.name == "ppo":
-                    ratio = (lp - old_lp).exp()
-                    surr = torch.minimum(ratio * adv[:, None], ratio.clamp(1 - obj.clip, 1 + obj.clip) * adv[:, None])
-                    pg = -((surr * mask).sum(1) / n_tok)
-                else:
-                    pg = -(adv * (lp * mask).sum(1)) / mean_len
-                per_seq = pg + obj.kl_coef * kl
-                accelerator.backward(per_seq.sum() * weight)
-                if accelerator.sync_gradients and job.train.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
-                policy.optimizer.step()  # step and zero_grad are no-ops until the last micro-batch
-                policy.optimizer.zero_grad()
-            loss_sum += per_seq.detach().sum().item()
-            kls.append(kl.detach())
+    loss_sum, kls = 0.0, []
+    for ids, attn, mask, n_tok, adv, ref_lp in parts:
+        with accelerator.accumulate(model):
+            lp = token_logps(model, ids, attn)
+            delta = (ref_lp - lp).clamp(-20, 20)
+            kl = ((delta.exp() - delta - 1) * mask).sum(1) / n_tok
+            pg = -(adv * (lp * mask).sum(1)) / mean_len
+            per_seq = pg + obj.kl_coef * kl
+            accelerator.backward(per_seq.sum() * weight)
+            if accelerator.sync_gradients and job.train.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
+            policy.optimizer.step()  # step and zero_grad are no-ops until the last micro-batch
+            policy.optimizer.zero_grad()
+        loss_sum += per_seq.detach().sum().item()
+        kls.append(kl.detach())
     return {"loss": loss_sum / n_samples, "kl": torch.cat(kls)}
+
+
+def _logps(logits, ids):
+    """log π(token_t | tokens_<t) for t = 1..T-1 from a forward's logits, shape [B, T-1]."""
+    import torch
+
+    return torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """GAE advantages and returns over each row's completion tokens (`mask`, contiguous):
+    δ_t = r_t + γ·V_{t+1} − V_t (V after the last token = 0), A_t = δ_t + γλ·A_{t+1}."""
+    import torch
+
+    adv = torch.zeros_like(rewards)
+    for i in range(rewards.size(0)):
+        idx = mask[i].nonzero().squeeze(-1)
+        if idx.numel() == 0:
+            continue
+        r, v = rewards[i, idx], values[i, idx]
+        nxt = torch.cat([v[1:], v.new_zeros(1)])
+        delta = r + gamma * nxt - v
+        a, running = torch.zeros_like(delta), 0.0
+        for t in range(delta.numel() - 1, -1, -1):
+            running = delta[t] + gamma * lam * running
+            a[t] = running
+        adv[i, idx] = a
+    return adv, (adv + values) * mask
+
+
+def ppo_update(policy: Policy, micro_batches: list[MicroBatch], job, step: int = 0, rank: int = 0) -> dict[str, Any]:
+    """Actor-critic PPO on one step's rollouts (see the module docstring). The rollout's
+    log-probs, reference log-probs and values are taken once, before any update; each of the
+    `ppo_epochs` passes visits the micro-batches in an order seeded by (seed, step, rank), so
+    a resumed run updates as the uninterrupted one did. Returns the last pass's mean loss,
+    value loss and the per-sample KL to the base (k1, a tensor)."""
+    import torch
+
+    obj, accelerator = job.objective, policy.accelerator
+    device = accelerator.device
+    rollouts = []
+    with torch.no_grad():
+        for mb in micro_batches:
+            ids, attn, mask = pad_batch(mb.pairs, policy.tokenizer.pad_token_id, device)
+            with frozen_base(policy.unwrapped, policy.frozen) as ref_model:
+                ref_lp = token_logps(ref_model, ids, attn)
+            logits, values = policy.critic(ids, attn)
+            old_lp, old_v = _logps(logits, ids), values[:, :-1] * mask
+            kl = (old_lp - ref_lp) * mask
+            rewards = -obj.kl_coef * kl
+            last = (mask.long() * torch.arange(mask.size(1), device=device)).argmax(1)
+            rewards[torch.arange(len(mb.rewards), device=device), last] += torch.tensor(mb.rewards, device=device)
+            adv, ret = gae(rewards, old_v, mask, obj.gamma, obj.lam)
+            rollouts.append({"ids": ids, "attn": attn, "mask": mask, "old_lp": old_lp, "old_v": old_v, "adv": adv,
+                             "ret": ret, "kl": kl.sum(1) / mask.sum(1).clamp(min=1)})
+    if obj.whiten:
+        tokens = torch.cat([r["adv"][r["mask"]] for r in rollouts])
+        mean, std = tokens.mean(), tokens.std() if tokens.numel() > 1 else tokens.new_tensor(1.0)
+        for r in rollouts:
+            r["adv"] = (r["adv"] - mean) / (std + 1e-8) * r["mask"]
+
+    order_rng = torch.Generator().manual_seed(job.train.seed * 1_000_003 + step * 7919 + rank)
+    model = policy.model
+    model.train()
+    for _ in range(obj.ppo_epochs):
+        losses, value_losses = [], []
+        for i in torch.randperm(len(rollouts), generator=order_rng).tolist():
+            r = rollouts[i]
+            mask, n = r["mask"], r["mask"].sum().clamp(min=1)
+            logits, values = model(r["ids"], r["attn"])
+            lp, v = _logps(logits, r["ids"]), values[:, :-1]
+            ratio = (lp - r["old_lp"]).exp()
+            surr = torch.minimum(ratio * r["adv"], ratio.clamp(1 - obj.clip, 1 + obj.clip) * r["adv"])
+            pg = -(surr * mask).sum() / n
+            v_clipped = r["old_v"] + (v - r["old_v"]).clamp(-obj.value_clip, obj.value_clip)
+            vf = 0.5 * (torch.maximum((v - r["ret"]) ** 2, (v_clipped - r["ret"]) ** 2) * mask).sum() / n
+            loss = pg + obj.vf_coef * vf
+            accelerator.backward(loss)
+            if job.train.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
+            policy.optimizer.step()
+            policy.optimizer.zero_grad()
+            losses.append(loss.item())
+            value_losses.append(vf.item())
+    return {"loss": sum(losses) / len(losses), "value_loss": sum(value_losses) / len(value_losses),
+            "kl": torch.cat([r["kl"] for r in rollouts])}
 
 
 def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
@@ -344,10 +444,11 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     def evaluate() -> dict:
         return eval_reward(unwrapped, tokenizer, eval_rows, job, reward_fn, rank, world, device, reduce_sum) if eval_rows else {}
 
+    extra_modules = {"value_head": policy.critic.value_head} if policy.critic is not None else None
     resume_dir = session.latest_checkpoint_dir()
     if resume_dir:
         state = checkpointing.restore(resume_dir, method=method, model=unwrapped, optimizer=policy.optimizer,
-                                      scheduler=scheduler)
+                                      scheduler=scheduler, modules=extra_modules)
     else:
         state = TrainState()
         state.history.append({"step": 0, **evaluate()})
@@ -365,7 +466,8 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     while state.step < total_steps:
         t0 = time.perf_counter()
         micro_batches = sample_step(policy, shard, job, state.step, rank, reward_fn)
-        result = update(policy, micro_batches, job)
+        result = (ppo_update(policy, micro_batches, job, state.step, rank) if obj.name == "ppo"
+                  else update(policy, micro_batches, job))
         scheduler.step()
         state.step += 1
         step_times.append(time.perf_counter() - t0)
@@ -375,6 +477,8 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
                                         dtype=torch.float64, device=device))
         step_metrics = {"reward": stats[0].item() / stats[1].item(), "kl": stats[2].item() / stats[3].item(),
                         "loss": result["loss"]}
+        if "value_loss" in result:
+            step_metrics["value_loss"] = result["value_loss"]
         if state.step % job.train.log_every == 0 or state.step == total_steps:
             session.progress({"type": "step", "step": state.step, "total_steps": total_steps, "epoch": 0,
                               "lr": scheduler.get_last_lr()[0], "tokens_per_s": 0.0, **step_metrics})
@@ -392,7 +496,7 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
                 metrics["step_time_p50"] = steady_step_time(step_times)
             if do_ckpt:
                 report_checkpoint(session, job, method, unwrapped, tokenizer, policy.optimizer, scheduler, state, metrics,
-                            rank)
+                                  rank, modules=extra_modules)
                 last_saved = state.step
             else:
                 session.report(metrics, None, None)
