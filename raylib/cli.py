@@ -109,7 +109,7 @@ def validate(job_yaml: str, overrides: tuple[str, ...]) -> None:
               "(what SVF experts sharpen; about 6.5 minutes on 2 cores)")
 def tiny(out_dir: str, seed: int, instruct: bool) -> None:
     """Build a tiny Llama-style model + tokenizer at OUT_DIR (no hub needed)."""
-    from raylib.models import build_instruct_tiny, build_tiny
+    from raylib.tiny_models import build_instruct_tiny, build_tiny
 
     click.echo(f"tiny model at {(build_instruct_tiny if instruct else build_tiny)(out_dir, seed=seed)}")
 
@@ -139,7 +139,7 @@ def demo(job_yaml: str, workers: int, overrides: tuple[str, ...]) -> None:
     """Build the tiny model and data, then run the example LoRA job on local Ray workers."""
     from raylib import launch
     from raylib.config import load_job
-    from raylib.models import build_tiny
+    from raylib.tiny_models import build_tiny
     from raylib.synthetic import write_dataset
 
     click.echo("building the tiny model (models/tiny-llama) and synthetic data (data/demo) ...")

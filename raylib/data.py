@@ -537,16 +537,10 @@ class Collator:
 
 
 def preflight(job, tokenizer=None) -> DataReport:
-    """Driver-side check before Ray starts: sources readable, rows usable, not empty; with the
+    """Driver-side check of instruction/chat/plain rows (sft and the RL objectives' prompts;
+    `objectives.preflight` sends the other objectives to their own) before Ray starts:
+    sources readable, rows usable, not empty; with the
     model's `tokenizer` (launch.preflight passes it), also that some example fits max_length."""
-    if job.objective.name == "classification":  # rows are text + task + label, not templates
-        from raylib.objectives import classification
-
-        return classification.preflight(job)
-    from raylib.objectives import PREFERENCE_OBJECTIVES, preference
-
-    if job.objective.name in PREFERENCE_OBJECTIVES:  # prompt + chosen/rejected (or kto's label)
-        return preference.preflight(job)
     report = DataReport()
     rows = valid_rows(load_rows(job.data.train, "data.train"), job.data, report, job.data.max_rows)
     if not rows:

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from raylib import data as data_mod
-from raylib import models, noise, storage
+from raylib import models, noise, objectives, storage
 from raylib.config import JobConfig
 from raylib.errors import ConfigError, TrainingFailed
 from raylib.experts import EXPERT_FILE
@@ -85,7 +85,7 @@ def preflight(job: JobConfig, resume: bool = False, probe: bool = True) -> data_
         storage.probe(loc)
     models.preflight(job)
     check_architecture(job)
-    report = data_mod.preflight(job, models.preflight_tokenizer(job))
+    report = objectives.preflight(job, models.preflight_tokenizer(job))
     if has_run(out) and not resume:
         raise ConfigError(
             "output.dir",

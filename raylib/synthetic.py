@@ -56,7 +56,7 @@ DOMAINS: dict[str, Callable[[random.Random], dict]] = {
 
 def swapped_answer(row: dict) -> str:
     """The answer of the row's domain's other operation: reverse <-> uppercase, larger <->
-    smaller, + <-> - (|a - b|). The instruct base's template habit (`models.INSTRUCT_TINY`)."""
+    smaller, + <-> - (|a - b|). The instruct base's template habit (`tiny_models.INSTRUCT_TINY`)."""
     text, word = row["instruction"], row["input"]
     if text.startswith("Reverse"):
         return word.upper()

@@ -1,8 +1,13 @@
-"""Tiny random-weight models of the architectures users bring, from transformers' own config
-classes, so every method can be tried on each family's real layer layout without a hub.
+"""Tiny models raylib builds itself, so tests and the demo need no hub.
+
+`build_tiny` makes a small Llama-style model and a BPE tokenizer trained with the
+`tokenizers` library on the project's synthetic tasks, pretrained briefly with raylib's own
+loop (`build_instruct_tiny`: the instruct base). The rest of this module: tiny random-weight
+models of the architectures users bring, from transformers' own config classes, so every
+method can be tried on each family's real layer layout.
 
 `build_family("phi3", out_dir)` writes a 2-layer model (config.json + safetensors, via
-`save_pretrained`) and the project's BPE tokenizer (`raylib.models.build_tokenizer`), which a
+`save_pretrained`) and the project's BPE tokenizer (`build_tokenizer`), which a
 job then loads through the ordinary `from_pretrained` path like any downloaded checkpoint.
 
 What differs between the families is what the methods trip over: fused projections (Phi-3's
@@ -15,7 +20,7 @@ not: between them, both of bitsandbytes' CPU paths are exercised), and the atten
 windows (32 tokens) are shorter than the training sequences, so windowed masks are exercised.
 
 The weights stay random (no pretraining): these models test that methods run, learn something
-and reload exactly on each layout, not what they learn (`models.build_tiny` is the pretrained
+and reload exactly on each layout, not what they learn (`build_tiny` is the pretrained
 Llama for that).
 """
 
@@ -88,7 +93,6 @@ def _build(family: str, out_dir: str, seed: int, settings: dict, marker: str) ->
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raylib.models import build_tokenizer
     from raylib.noise import quiet_libraries
     from raylib.synthetic import tokenizer_corpus
 
@@ -105,3 +109,166 @@ def _build(family: str, out_dir: str, seed: int, settings: dict, marker: str) ->
         json.dump(settings, f)
     log.info("built tiny %s (%d params) at %s", family, sum(p.numel() for p in model.parameters()), out_dir)
     return out_dir
+
+
+# --------------------------------------------------------------------------- the pretrained tiny Llama
+
+TINY_RECIPE = 1  # bump when the tokenizer corpus or pretraining recipe changes (invalidates caches)
+TINY_DEFAULTS = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=176,  # not a multiple of 32: 4-bit on AVX512-BF16 takes bnb's generic path (use_4bit_cpu_kernels)
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
+
+#: the instruct base (`raylib tiny --instruct`, the SVF test's and `jobs/bench/svf_quality.py`'s
+#: base): 4 layers of 128 (870k parameters), pretrained on every domain in a plain format
+#: ("What is 3 + 4? => 7", always right) and in the alpaca template, where 2 of 3 answers apply
+#: the domain's other operation (reverse <-> uppercase, larger <-> smaller, + <-> -). So it has
+#: the skills but in the template mostly does the wrong thing: low exact match on every CPU,
+#: with the skill there for an expert to elicit (Transformer²'s premise). Recipe 1 (the
+#: template with right answers only) left its per-domain skill to the CPU's float kernels:
+#: strings at 0.81 on an AVX512-BF16 CPU and 1.0 on an AVX2 one, where SVF could not beat it.
+INSTRUCT_TINY = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2)
+INSTRUCT_PRETRAIN_STEPS = 800
+INSTRUCT_RECIPE = 2  # 2: the template's answers swap the domain's operation in 2 of 3 rows
+
+
+def build_instruct_tiny(out_dir: str, seed: int = 0) -> str:
+    """The instruct base at `out_dir` (about 6.5 minutes on 2 cores, then reused)."""
+    return build_tiny(out_dir, seed=seed, pretrain_steps=INSTRUCT_PRETRAIN_STEPS, instruct=True, **INSTRUCT_TINY)
+
+
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+    "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer (digits split one per token) trained on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.chat_template = _CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny(
+    out_dir: str, seed: int = 0, pretrain_steps: int = 300, overwrite: bool = False, instruct: bool = False,
+    **config_overrides
+) -> str:
+    """Build and save a tiny Llama-style model + tokenizer to `out_dir` (no hub needed).
+
+    With `pretrain_steps`, the random model is then pretrained briefly (full fine-tuning
+    with raylib's own loop, in this process) on plain-text versions of the synthetic tasks,
+    so it is a weak but real language model: random weights leave the logit range too
+    narrow for adapters to show anything. Idempotent: an existing build with the same
+    settings is reused unless `overwrite`.
+    """
+    from filelock import FileLock
+
+    settings = {**TINY_DEFAULTS, **config_overrides, "seed": seed, "pretrain_steps": pretrain_steps, "recipe": TINY_RECIPE}
+    if instruct:  # only then in the marker, so existing default builds stay valid
+        settings["instruct"] = INSTRUCT_RECIPE
+    marker = os.path.join(out_dir, "raylib_tiny.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    with FileLock(os.path.abspath(out_dir) + ".lock"):  # concurrent builders wait, then reuse
+        if not overwrite and os.path.isfile(marker):
+            with open(marker) as f:
+                if json.load(f) == settings:
+                    return out_dir
+        return _build_tiny(out_dir, settings, seed, pretrain_steps)
+
+
+def _build_tiny(out_dir: str, settings: dict, seed: int, pretrain_steps: int) -> str:
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raylib.noise import quiet_libraries
+    from raylib.synthetic import tokenizer_corpus
+
+    marker = os.path.join(out_dir, "raylib_tiny.json")
+    tok = build_tokenizer(tokenizer_corpus(seed=seed), settings["vocab_size"])
+    arch = {k: v for k, v in settings.items() if k not in ("seed", "vocab_size", "pretrain_steps", "recipe", "instruct")}
+    cfg = LlamaConfig(
+        **arch,
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    quiet_libraries("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    with tempfile.TemporaryDirectory(prefix="raylib-tiny-") as tmp:
+        random_dir = os.path.join(tmp, "random")
+        model.save_pretrained(random_dir, safe_serialization=True)
+        tok.save_pretrained(random_dir)
+        src = _pretrain(random_dir, tmp, pretrain_steps, seed, settings.get("instruct", False)) if pretrain_steps else random_dir
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        shutil.copytree(src, out_dir, ignore=shutil.ignore_patterns("expert.json", "README.md"))
+    with open(marker, "w") as f:
+        json.dump(settings, f)
+    log.info("built tiny model (%d params) at %s", sum(p.numel() for p in model.parameters()), out_dir)
+    return out_dir
+
+
+def _pretrain(model_dir: str, work_dir: str, steps: int, seed: int, instruct: bool = False) -> str:
+    """Full fine-tuning on plain-text tasks with the raylib loop; returns the model dir."""
+    from raylib.config import validate_job
+    from raylib.data import ALPACA
+    from raylib.synthetic import make_rows, swapped_answer, write_jsonl
+    from raylib.train_loop import PlainSession, run
+
+    # instruct=True: half the rows in the instruction template the jobs use, and in 2 of 3 of
+    # those the answer applies the domain's other operation (synthetic.swapped_answer). The
+    # base so has each skill (the plain rows are always right) and a habit in the template
+    # that hides it: a gap between what it can do and what it does that does not depend on
+    # the CPU's float kernels, which is what a domain expert closes (INSTRUCT_TINY)
+    def text(i: int, r: dict) -> str:
+        if instruct and i % 2 == 0:
+            answer = swapped_answer(r) if (i // 2) % 3 else r["output"]
+            return ALPACA.prompt(r["instruction"], r["input"]) + answer + ALPACA.end
+        return f"{r['instruction']} {r['input']} => {r['output']}".replace("  ", " ")
+
+    rows = [{"text": text(i, r)} for i, r in enumerate(make_rows(4000, seed=seed + 777))]
+    corpus = write_jsonl(rows, os.path.join(work_dir, "corpus.jsonl"))
+    job = validate_job({
+        "model": {"path": model_dir},
+        "data": {"train": corpus, "template": "plain", "max_length": 256, "eval_split": 0},
+        "method": {"name": "full"},
+        "train": {"lr": 3e-3, "max_steps": steps, "batch_size": 16, "checkpoint_every": 0,
+                  "warmup_ratio": 0.05, "seed": seed},
+        "output": {"dir": os.path.join(work_dir, "pretrain")},
+    }, source="tiny pretraining")
+    session = PlainSession(os.path.join(work_dir, "ckpt"))
+    run(job, session)
+    return os.path.join(session.reports[-1]["checkpoint"], "expert")

@@ -19,7 +19,7 @@ CACHE = os.environ.get("RAYLIB_TEST_CACHE", os.path.expanduser("~/.cache/raylib-
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
     """The pretrained tiny Llama (built once per machine, rebuilt when its recipe changes)."""
-    from raylib.models import build_tiny
+    from raylib.tiny_models import build_tiny
 
     return build_tiny(os.path.join(CACHE, "tiny-llama"))
 
@@ -29,7 +29,7 @@ def instruct_tiny_model() -> str:
     """A tiny base pretrained partly in the alpaca template (about 6.5 minutes on 2 cores,
     once per machine): it follows the format with a modest skill per domain, which SVF, only
     rescaling singular values, can sharpen. The default tiny base never saw the template."""
-    from raylib.models import build_instruct_tiny
+    from raylib.tiny_models import build_instruct_tiny
 
     return build_instruct_tiny(os.path.join(CACHE, "tiny-llama-instruct"))
 

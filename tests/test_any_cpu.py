@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import job_dict, run_python
 
-from raylib import models, noise
+from raylib import models, noise, tiny_models
 from raylib.config import validate_job
 from raylib.methods import get_method
 from raylib.tiny_models import build_family
@@ -57,7 +57,7 @@ def test_noise_is_filtered_before_the_library_loads():
 @pytest.fixture(scope="module")
 def odd_model(tmp_path_factory):
     """A random-weight tiny Llama whose MLP width (176) the packed 4-bit kernel cannot hold."""
-    return models.build_tiny(str(tmp_path_factory.mktemp("odd") / "m"), pretrain_steps=0, intermediate_size=176)
+    return tiny_models.build_tiny(str(tmp_path_factory.mktemp("odd") / "m"), pretrain_steps=0, intermediate_size=176)
 
 
 @pytest.fixture(scope="module")

@@ -174,7 +174,7 @@ def test_one_svf_expert_per_domain_beats_the_base(instruct_tiny_model, tmp_path)
     gain is at least 0.1 exact match and at least two domains gain 0.05 or more.
 
     The instruct base has every skill but mostly the wrong habit in the template
-    (`models.INSTRUCT_TINY`). SVF only rescales singular values, so a domain's ceiling is the
+    (`tiny_models.INSTRUCT_TINY`). SVF only rescales singular values, so a domain's ceiling is the
     skill the base was built with, and the base is built on the machine running the suite:
     its arithmetic differs with the CPU's float kernels. Measured (these settings): on an AVX2
     EPYC, svf_quality.py over 3 seeds, arithmetic 0.032 -> 0.167, strings 0.207 -> 0.380,

@@ -77,7 +77,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from raylib.models import build_tiny
+    from raylib.tiny_models import build_tiny
     from raylib.synthetic import write_dataset
 
     work = args.work_dir or tempfile.mkdtemp(prefix="raylib-bench-backends-")

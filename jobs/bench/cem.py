@@ -58,7 +58,7 @@ def main() -> None:
     import ray
     import torch
 
-    from raylib.models import build_tiny
+    from raylib.tiny_models import build_tiny
     from raylib.search.cem import CEMOptions, run_cem
     from raylib.synthetic import make_rows, write_jsonl
 

@@ -127,7 +127,7 @@ def _rescore(job, expert_dir: str, device: str) -> tuple[float, dict]:
 def paths(args, work: str, use_gpu: bool, device: str) -> list[dict]:
     from raylib import launch
     from raylib.config import validate_job
-    from raylib.models import build_tiny
+    from raylib.tiny_models import build_tiny
 
     # the tiny model pretrained briefly; --tiny reuses a copy built elsewhere (saves GPU-machine time)
     model = build_tiny(args.tiny or os.path.join(work, "tiny-llama"))
@@ -190,7 +190,7 @@ def bench_one(name: str, work: str, steps: int, use_gpu: bool, smoke: bool) -> d
     """One benchmark variant in this (fresh) process, without Ray: the worker loop alone."""
     from raylib.config import validate_job
     from raylib.metrics import steady_step_time
-    from raylib.models import build_tiny
+    from raylib.tiny_models import build_tiny
     from raylib.train_loop import PlainSession, run
 
     size = {} if smoke else BENCH_MODEL

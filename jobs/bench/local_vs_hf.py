@@ -239,7 +239,7 @@ def snapshot_tiny(work: str) -> str:
     checkouts (other settings) while the benchmark runs, and every variant must load the same."""
     from filelock import FileLock
 
-    from raylib.models import build_tiny
+    from raylib.tiny_models import build_tiny
 
     cache = build_tiny(os.path.join(os.path.expanduser("~/.cache/raylib-tests"), "tiny-llama"))
     copy = os.path.join(work, "tiny-llama")

@@ -68,7 +68,7 @@ def one(name: str, work: str, steps: int, threads: int, batch_size: int = 4) -> 
 
     from raylib.config import validate_job
     from raylib.metrics import steady_step_time
-    from raylib.models import build_tiny
+    from raylib.tiny_models import build_tiny
     from raylib.synthetic import write_classification_dataset, write_dataset
     from raylib.train_loop import PlainSession, run
 

@@ -102,7 +102,7 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from raylib.models import build_tiny
+    from raylib.tiny_models import build_tiny
     from raylib.serve.app import run
     from raylib.serve.config import validate_serve_config
 

@@ -45,7 +45,7 @@ def build_model(work: str) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from raylib.experts import ExpertInfo, write_expert_json
-    from raylib.models import build_tokenizer
+    from raylib.tiny_models import build_tokenizer
     from raylib.noise import quiet_libraries
     from raylib.synthetic import tokenizer_corpus
 

@@ -75,7 +75,8 @@ def bench_methods(workdir: str, repeats: int, steps: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from raylib.models import build_tiny, load_tokenizer
+    from raylib.models import load_tokenizer
+    from raylib.tiny_models import build_tiny
     from raylib.synthetic import write_dataset
 
     tiny = build_tiny(os.path.join(os.path.expanduser("~/.cache/raylib-tests"), "tiny-llama"))

@@ -210,7 +210,7 @@ def main() -> None:
     if args.quick:
         args.seeds, args.steps, args.eval_rows, args.population, args.iterations = [0], 60, 60, 6, 2
 
-    from raylib.models import build_instruct_tiny
+    from raylib.tiny_models import build_instruct_tiny
     from raylib.noise import quiet_libraries
     from raylib.synthetic import write_dataset
 

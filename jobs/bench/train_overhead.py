@@ -36,7 +36,7 @@ def main() -> None:
     from raylib import launch
     from raylib.config import validate_job
     from raylib.metrics import steady_step_time
-    from raylib.models import build_tiny
+    from raylib.tiny_models import build_tiny
     from raylib.synthetic import write_dataset
     from raylib.train_loop import PlainSession, run
 

@@ -76,6 +76,23 @@ def loop_objective(job):
     return sft
 
 
+def preflight(job, tokenizer=None):
+    """Driver-side data check for the job's objective, before Ray starts (a DataReport):
+    classification rows (text, task, label), preference rows (prompt, chosen, rejected), or
+    the instruction/chat/plain rows of sft and RL (`raylib.data.preflight`)."""
+    if job.objective.name == "classification":
+        from raylib.objectives import classification
+
+        return classification.preflight(job)
+    if job.objective.name in PREFERENCE_OBJECTIVES:
+        from raylib.objectives import preference
+
+        return preference.preflight(job)
+    from raylib import data
+
+    return data.preflight(job, tokenizer)
+
+
 def check_objective(job) -> None:
     """Objective/method pairings that cannot work (driver side, before Ray)."""
     from raylib.errors import ConfigError

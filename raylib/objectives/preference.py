@@ -528,7 +528,6 @@ class RewardModelScorer:
         import torch
 
         from raylib import models
-        from raylib.config import ModelConfig
         from raylib.experts import read_expert
         from raylib.methods import get_method
 
@@ -538,8 +537,8 @@ class RewardModelScorer:
                               f"{(info.config.get('objective') or {}).get('name', 'sft')!r})",
                               "train one with objective: {name: reward}, or use a built-in reward")
         self.template, self.device = info.template, torch.device(device)
-        self.tokenizer = models.load_tokenizer(ModelConfig(path=expert_dir))
-        base = models.load_model(ModelConfig(path=info.base_model), self.device, head="reward")
+        self.tokenizer = models.tokenizer_at(expert_dir)
+        base = models.load_reward_model(info.base_model, self.device)
         base.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = get_method(info.method).load(base, expert_dir).to(self.device).eval()
         self.name = f"model:{expert_dir}"
