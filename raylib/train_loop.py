@@ -17,9 +17,8 @@ import tempfile
 import time
 from typing import Any
 
-from raylib import backends, checkpointing, models, noise
+from raylib import backends, checkpointing, recipe
 from raylib.checkpointing import TrainState
-from raylib.methods import get_method
 from raylib.metrics import steady_step_time
 from raylib.objectives import WORKER_LOOP_OBJECTIVES, loop_objective
 
@@ -109,28 +108,13 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     from torch.utils.data import DataLoader
     from transformers import get_scheduler
 
-    device_type = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    noise.quiet_libraries(device_type)
-    torch.manual_seed(job.train.seed)
-    accelerator = backends.make_accelerator(job, device_type)
+    objective = loop_objective(job)  # what a batch is, the loss, the eval (and a reward head)
+    built = recipe.setup(job, use_gpu, head=getattr(objective, "model_head", None))
+    accelerator, device_type, tokenizer, method, model = (built.accelerator, built.device_type, built.tokenizer,
+                                                          built.method, built.model)
+    trainable, total = built.trainable, built.total
     rank, world = accelerator.process_index, accelerator.num_processes
     node_ids = _worker_node_ids(world)  # where each rank runs: placement evidence (SPREAD)
-
-    # model + method
-    tokenizer = models.load_tokenizer(job.model)
-    method = get_method(job.method.name)
-    objective = loop_objective(job)  # decides what a batch is (and the model's head, for reward models)
-    head = getattr(objective, "model_head", None)
-    model = models.load_model(job.model, accelerator.device, trains_weights=method.trains_base_weights, head=head)
-    if head is not None:  # the score is read at the last non-pad token
-        model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.use_cache = False
-    if job.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = method.apply(model, job)
-    trainable, total = models.count_parameters(model)
-    if rank == 0:
-        log.info("%s: %s trainable of %s parameters (%.3f%%)", job.method.name, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     # data (heads may cache backbone features here)
     prepared = objective.prepare(job, tokenizer, model, accelerator.device)
@@ -192,8 +176,7 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
         "world_size": world, "device": device_type, "torch_threads": torch.get_num_threads(),
     })
 
-    checkpoint_every = job.train.checkpoint_every
-    eval_every = job.train.eval_every if job.train.eval_every is not None else checkpoint_every
+    cadence = recipe.Cadence.of(job, total_steps)
     window = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss*n, label tokens, tokens
     step_times: list[float] = []
     padded = real = 0
@@ -245,9 +228,7 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
                 window.zero_()
                 t_window = time.perf_counter()
 
-            at_end = state.step >= total_steps
-            do_eval = at_end or (eval_every and state.step % eval_every == 0)
-            do_ckpt = at_end or (checkpoint_every and state.step % checkpoint_every == 0)
+            at_end, do_eval, do_ckpt = cadence.at(state.step)
             if do_eval or do_ckpt:
                 metrics = {**base_metrics, "step": state.step, "epoch": state.epoch, "tokens_seen": state.tokens_seen,
                            "eval_loss_before": state.eval_loss_before, "packing_efficiency": real / max(padded, 1),

@@ -71,12 +71,18 @@ def test_dpo_reference_is_the_frozen_base(tiny_model, pairs, tmp_path):
     {"name": "svf"},
     {"name": "full"},
     {"name": "prompt", "num_virtual_tokens": 8},
+    {"name": "prefix", "num_virtual_tokens": 8},
+    {"name": "ptuning", "num_virtual_tokens": 8, "encoder_hidden_size": 64},
     {"name": "ia3"},
+    {"name": "qlora", "r": 8},
+    {"name": "adalora", "init_r": 12, "target_r": 4, "tinit": 2, "tfinal": 4},
 ])
 def test_dpo_trains_every_kind_of_method(method, tiny_model, pairs, tmp_path):
     """SVF (only z trains; reference z = 1), full weights (reference log-probs precomputed from
-    the base before step 1), prompt learning (virtual tokens in front of the logits), IA3."""
-    lr = {"svf": 2e-2, "full": 1e-3, "prompt": 3e-2, "ia3": 3e-2}[method["name"]]
+    the base before step 1), prompt learning (virtual tokens in front of the logits; the
+    reference is PEFT's adapter-disabled model), IA3, QLoRA (4-bit base), AdaLoRA."""
+    lr = {"svf": 2e-2, "full": 1e-3, "prompt": 3e-2, "prefix": 3e-2, "ptuning": 1e-2, "ia3": 3e-2, "qlora": 3e-3,
+          "adalora": 1e-2}[method["name"]]
     session = PlainSession(str(tmp_path / "ck"))
     run(_job(tiny_model, pairs, str(tmp_path / "o"), method=method, train={"lr": lr, "max_steps": 24,
                                                                             "eval_every": 24}), session)

@@ -160,7 +160,7 @@ def test_a_grad_accum_step_equals_one_step_over_the_concatenated_micro_batches(t
     for grad_accum, batch_size in ((2, 2), (1, 4)):
         job = _rl_job(tiny_model, tmp_path, name, grad_accum=grad_accum, batch_size=batch_size, optimizer="sgd",
                       lr=0.5, max_grad_norm=None, objective={"num_samples": num_samples})
-        policy = rl.build_policy(job, "cpu")
+        policy = rl.build_policy(job)
         before = {n: p.detach().clone() for n, p in policy.unwrapped.named_parameters() if p.requires_grad}
         micro = _fixed_rollouts(policy, job, 4)
         if grad_accum == 1:  # the same samples in one batch

@@ -220,21 +220,13 @@ def steps_per_epoch(n_prompts: int, batch_size: int, grad_accum: int) -> int:
     return max(1, math.ceil(math.ceil(n_prompts / batch_size) / grad_accum))
 
 
-def build_policy(job, device_type: str) -> Policy:
-    """Accelerator, tokenizer, model with the method applied, optimizer, prepared together.
-    Seeded first, so every rank (and a rerun) starts from the same trainable weights."""
-    import torch
+def build_policy(job, use_gpu: bool = False) -> Policy:
+    """The shared setup (`recipe.setup`: seeded accelerator, tokenizer, model with the
+    method), then the optimizer, prepared together (ppo: with the value head)."""
+    from raylib import backends, recipe
 
-    from raylib import backends, models
-    from raylib.methods import get_method
-
-    torch.manual_seed(job.train.seed)
-    accelerator = backends.make_accelerator(job, device_type)
-    tokenizer = models.load_tokenizer(job.model)
-    method = get_method(job.method.name)
-    model = models.load_model(job.model, accelerator.device, trains_weights=method.trains_base_weights)
-    model.config.use_cache = False
-    model = method.apply(model, job)
+    built = recipe.setup(job, use_gpu)
+    accelerator, tokenizer, method, model = built.accelerator, built.tokenizer, built.method, built.model
     frozen = copy.deepcopy(model).requires_grad_(False).eval() if job.method.name == "full" else None
     if job.objective.name == "ppo":  # the value head trains with the policy, in one optimizer and one DDP module
         from raylib.objectives.actor_critic import ActorCritic
@@ -417,16 +409,13 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     import torch
     from transformers import get_scheduler
 
-    from raylib import checkpointing, models
+    from raylib import checkpointing, models, recipe
     from raylib.checkpointing import TrainState, report_checkpoint
     from raylib.metrics import steady_step_time
-    from raylib.noise import quiet_libraries
     from raylib.objectives.rewards import resolve
 
     obj = job.objective
-    device_type = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    quiet_libraries(device_type)
-    policy = build_policy(job, device_type)
+    policy = build_policy(job, use_gpu)
     accelerator, method, tokenizer, unwrapped = policy.accelerator, policy.method, policy.tokenizer, policy.unwrapped
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     reward_fn = resolve(obj.reward)
@@ -458,8 +447,7 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
     session.progress({"type": "start", "total_steps": total_steps, "step": state.step, "trainable_params": trainable,
                       "total_params": total, "eval_loss_before": None, "data": f"{len(rows)} prompts",
                       "resumed_from": resume_dir})
-    ckpt_every = job.train.checkpoint_every
-    eval_every = job.train.eval_every if job.train.eval_every is not None else ckpt_every
+    cadence = recipe.Cadence.of(job, total_steps)
     step_times: list[float] = []
     last_saved = state.step if resume_dir else -1
 
@@ -482,9 +470,7 @@ def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
         if state.step % job.train.log_every == 0 or state.step == total_steps:
             session.progress({"type": "step", "step": state.step, "total_steps": total_steps, "epoch": 0,
                               "lr": scheduler.get_last_lr()[0], "tokens_per_s": 0.0, **step_metrics})
-        at_end = state.step >= total_steps
-        do_eval = at_end or (eval_every and state.step % eval_every == 0)
-        do_ckpt = at_end or (ckpt_every and state.step % ckpt_every == 0)
+        at_end, do_eval, do_ckpt = cadence.at(state.step)
         if do_eval or do_ckpt:
             metrics = {**base_metrics, **step_metrics, "step": state.step, "eval_reward_before": reward_before}
             if do_eval:
