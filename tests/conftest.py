@@ -42,6 +42,14 @@ def demo_data(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def cls_data(tmp_path_factory) -> dict[str, str]:
+    """Synthetic classification rows (text, task, label) for the heads method."""
+    from raylib.synthetic import write_classification_dataset
+
+    return write_classification_dataset(str(tmp_path_factory.mktemp("cls")), n_train=400, n_eval=90)
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for every test that trains through Ray Train (stopped at the end); always a
     fresh one (`address="local"`), never a `ray start` cluster another test or user left running."""

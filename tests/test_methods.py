@@ -21,7 +21,7 @@ from raylib import launch, models
 from raylib.config import validate_job
 from raylib.errors import ConfigError
 from raylib.methods import METHODS, get_method
-from raylib.synthetic import CLASSIFICATION_TASKS, write_classification_dataset
+from raylib.synthetic import CLASSIFICATION_TASKS
 from raylib.train_loop import PlainSession, run
 
 HEADS = {"name": "heads", "tasks": CLASSIFICATION_TASKS}
@@ -40,11 +40,6 @@ SETTINGS: dict[str, dict] = {
     "heads": {"method": HEADS, "lr": 5e-2, "classification": True},
     "svf": {"method": {"name": "svf", "targets": "mlp"}, "lr": 5e-3},
 }
-
-
-@pytest.fixture(scope="session")
-def cls_data(tmp_path_factory) -> dict[str, str]:
-    return write_classification_dataset(str(tmp_path_factory.mktemp("cls")), n_train=400, n_eval=90)
 
 
 def method_job(name: str, tiny_model, demo_data, cls_data, out: str, **sections) -> dict:

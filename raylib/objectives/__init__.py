@@ -11,11 +11,16 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 
+LOSS_FIELD = Field(None, description="package.module:function — fn(model_output, batch) -> loss, used instead "
+                   "of the built-in loss in training (eval keeps the objective's own metrics)")
+
+
 class SFTOptions(BaseModel):
     """Supervised fine-tuning: next-token cross-entropy on the response tokens."""
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["sft"] = "sft"
+    loss: str | None = LOSS_FIELD
 
 
 def _rl_options() -> list:
@@ -54,6 +59,58 @@ ObjectiveOptions = (
 )
 
 
+class CustomLoss:
+    """`objective.loss`: the objective's data, batches and eval, the user's training loss.
+    `fn(model_output, batch)` gets the model's output for the batch without its labels (so
+    transformers computes no loss of its own) and the whole batch (labels included: -100 off
+    the trained tokens; classification: `labels` and `task_ids`, logits per task). Under
+    prompt learning the logits carry the virtual tokens' positions in front."""
+
+    def __init__(self, base, spec: str):
+        self.base, self.spec, self._fn = base, spec, None
+
+    def __getattr__(self, name):  # prepare, collator, evaluate, model_head: the objective's own
+        return getattr(self.base, name)
+
+    def loss(self, model, batch):
+        if self._fn is None:
+            self._fn = load_loss(self.spec)
+        out = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+        loss = self._fn(out, batch)
+        if isinstance(out.logits, dict):  # heads: every head stays in the graph, so DDP sees all grads
+            loss = loss + sum(0.0 * logits.sum() for logits in out.logits.values())
+        return loss
+
+
+def load_loss(spec: str):
+    """`package.module:function` -> the function, checked: importable, callable, and callable
+    as fn(model_output, batch). Raises ConfigError naming objective.loss."""
+    import importlib
+    import inspect
+
+    from raylib.errors import ConfigError
+
+    mod_name, sep, fn_name = spec.partition(":")
+    if not sep or not mod_name or not fn_name:
+        raise ConfigError("objective.loss", f"{spec!r} is not a 'package.module:function' path",
+                          "write it as my_pkg.losses:focal_loss")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError("objective.loss", f"cannot import {spec!r}: {exc}",
+                          "make the module importable on the driver and the workers (PYTHONPATH or runtime_env)") from exc
+    if not callable(fn):
+        raise ConfigError("objective.loss", f"{spec!r} is not callable", "point it at a function")
+    try:
+        inspect.signature(fn).bind(None, None)
+    except TypeError as exc:
+        raise ConfigError("objective.loss", f"{spec!r} cannot be called as fn(model_output, batch): {exc}",
+                          "give it two positional parameters: def loss(model_output, batch)") from exc
+    except ValueError:  # no signature (a builtin): let the call decide
+        pass
+    return fn
+
+
 def loop_objective(job):
     """What the SFT-style worker loop (train_loop.run) uses for data, loss and eval: an
     object with prepare(job, tokenizer, model, device), collator(job, tokenizer), loss(model,
@@ -68,12 +125,10 @@ def loop_objective(job):
 
         return PreferenceObjective(job)
     if name == "classification":
-        from raylib.objectives import classification
-
-        return classification
-    from raylib.objectives import sft
-
-    return sft
+        from raylib.objectives import classification as base
+    else:
+        from raylib.objectives import sft as base
+    return CustomLoss(base, job.objective.loss) if job.objective.loss else base
 
 
 def preflight(job, tokenizer=None):
@@ -94,8 +149,12 @@ def preflight(job, tokenizer=None):
 
 
 def check_objective(job) -> None:
-    """Objective/method pairings that cannot work (driver side, before Ray)."""
+    """Objective/method pairings that cannot work, and a custom loss that cannot be called
+    (driver side, before Ray)."""
     from raylib.errors import ConfigError
+
+    if getattr(job.objective, "loss", None):
+        load_loss(job.objective.loss)
 
     if job.objective.name == "classification" and job.method.name != "heads":
         raise ConfigError("method.name", f"objective classification trains classification heads; {job.method.name!r} has none",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from raylib.errors import DataError
 
@@ -26,6 +26,8 @@ class ClassificationOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["classification"] = "classification"
+    loss: str | None = Field(None, description="package.module:function — fn(model_output, batch) -> loss "
+                             "(raylib.objectives.CustomLoss)")
 
 
 # --------------------------------------------------------------------------- rows
