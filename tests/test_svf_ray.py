@@ -43,15 +43,20 @@ def _rl_job(tiny_model, tmp_path, name, reward="tests.rl_rewards:is_number", wor
     ))
 
 
-def test_two_worker_reinforce_job(ray_session, tiny_model, tmp_path):
-    job = _rl_job(tiny_model, tmp_path, "reinforce", workers=2, max_steps=6, checkpoint_every=3)
+@pytest.mark.parametrize("name", ["reinforce", "ppo"])
+def test_two_worker_rl_job(name, ray_session, tiny_model, tmp_path):
+    """ppo: the actor-critic module (policy + value head) is what DDP wraps and syncs."""
+    job = _rl_job(tiny_model, tmp_path, name, workers=2, max_steps=6, checkpoint_every=3)
     result = launch.train(job, show_progress=False)
     m = result.metrics
-    assert m["world_size"] == 2 and m["step"] == 6 and m["objective"] == "reinforce"
+    assert m["world_size"] == 2 and m["step"] == 6 and m["objective"] == name
     assert m["eval_reward"] > m["eval_reward_before"], m
     ckpts = sorted(d for d in os.listdir(os.path.join(job.output.dir, "checkpoints")) if d.startswith("step_"))
     assert ckpts == ["step_0000003", "step_0000006"]
     assert os.path.isfile(os.path.join(job.output.dir, svf.Z_FILE))
+    if name == "ppo":
+        ckpt = os.path.join(job.output.dir, "checkpoints", "step_0000006", "train_state", "value_head.pt")
+        assert os.path.isfile(ckpt)
 
 
 def test_a_raising_reward_fails_the_run_with_its_name(ray_session, tiny_model, tmp_path):
