@@ -51,7 +51,11 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(tiny_model, demo_data
         deadline = time.time() + 600
         while time.time() < deadline:
             starts = [e for e in _events(out) if e.get("type") == "start"]
-            if starts and _registered(out) and _last_step(out) >= every + 3:
+            last, registered = _last_step(out), _registered(out)
+            # kill once the checkpoint due last is registered: a kill while one is still being
+            # written (seen on a loaded machine: killed at step 21, step_20 not yet registered)
+            # redoes up to two intervals, which says nothing about what this test checks
+            if starts and registered and last >= every + 3 and int(registered[-1][5:]) == last // every * every:
                 os.kill(starts[0]["pid"], signal.SIGKILL)
                 killed.update(step=_last_step(out), pid=starts[0]["pid"], latest=_registered(out)[-1])
                 return
