@@ -51,13 +51,10 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(tiny_model, demo_data
         deadline = time.time() + 600
         while time.time() < deadline:
             starts = [e for e in _events(out) if e.get("type") == "start"]
-            last, registered = _last_step(out), _registered(out)
-            # kill once the checkpoint due last is registered: a kill while one is still being
-            # written (seen on a loaded machine: killed at step 21, step_20 not yet registered)
-            # redoes up to two intervals, which says nothing about what this test checks
-            if starts and registered and last >= every + 3 and int(registered[-1][5:]) == last // every * every:
+            if starts and _registered(out) and _last_step(out) >= every + 3:
                 os.kill(starts[0]["pid"], signal.SIGKILL)
-                killed.update(step=_last_step(out), pid=starts[0]["pid"], latest=_registered(out)[-1])
+                registered = _registered(out)
+                killed.update(step=_last_step(out), pid=starts[0]["pid"], latest=registered[-1], registered=registered)
                 return
             time.sleep(0.05)
 
@@ -72,8 +69,12 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(tiny_model, demo_data
     assert resumed["pid"] != killed["pid"]  # a new worker process
     # it resumed from the latest checkpoint registered when the worker died ...
     assert resumed["resumed_from"].endswith(killed["latest"]) and resumed["step"] == int(killed["latest"][5:])
-    # ... so no more than one checkpoint interval of steps was redone
-    assert 0 <= killed["step"] - resumed["step"] <= every, (killed, resumed["step"])
+    # ... which is the checkpoint due last before the kill, or, when the kill came while that
+    # one was still being written (seen on a loaded machine: killed at step 21, step_20 not yet
+    # registered), the one before it: never an older one
+    due = killed["step"] // every * every
+    assert resumed["step"] == due or (resumed["step"] == due - every and f"step_{due:07d}" not in killed["registered"]), (
+        killed, resumed["step"])
     assert result.metrics["step"] == 30
     steps_after = [e["step"] for e in _events(out) if e["type"] == "step" and e["time"] > resumed["time"]]
     assert steps_after[0] == resumed["step"] + 1 and steps_after[-1] == 30
