@@ -85,7 +85,6 @@ class CustomLoss:
 def load_loss(spec: str):
     """`package.module:function` -> the function, checked: importable, callable, and callable
     as fn(model_output, batch). Raises ConfigError naming objective.loss."""
-    import importlib
     import inspect
 
     from raylib.errors import ConfigError
@@ -94,13 +93,7 @@ def load_loss(spec: str):
     if not sep or not mod_name or not fn_name:
         raise ConfigError("objective.loss", f"{spec!r} is not a 'package.module:function' path",
                           "write it as my_pkg.losses:focal_loss")
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError("objective.loss", f"cannot import {spec!r}: {exc}",
-                          "make the module importable on the driver and the workers (PYTHONPATH or runtime_env)") from exc
-    if not callable(fn):
-        raise ConfigError("objective.loss", f"{spec!r} is not callable", "point it at a function")
+    fn = import_function(spec, "objective.loss")
     try:
         inspect.signature(fn).bind(None, None)
     except TypeError as exc:
@@ -108,6 +101,24 @@ def load_loss(spec: str):
                           "give it two positional parameters: def loss(model_output, batch)") from exc
     except ValueError:  # no signature (a builtin): let the call decide
         pass
+    return fn
+
+
+def import_function(spec: str, field: str):
+    """The callable a `package.module:function` path names (custom losses, reward functions),
+    or a ConfigError on `field` saying why not."""
+    import importlib
+
+    from raylib.errors import ConfigError
+
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(field, f"cannot import {spec!r}: {exc}",
+                          "make the module importable on the driver and the workers (PYTHONPATH or runtime_env)") from exc
+    if not callable(fn):
+        raise ConfigError(field, f"{spec!r} is not callable", "point it at a function")
     return fn
 
 

@@ -42,6 +42,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from raylib.errors import ConfigError, DataError
+from raylib.methods.reference import has_builtin_base
 
 #: objectives whose loss needs the frozen base's log-probs
 NEEDS_REFERENCE = ("dpo", "kto")
@@ -367,7 +368,7 @@ class PreferenceObjective:
         if not train:
             raise DataError("data.max_length", f"no preference row fits in {job.data.max_length} tokens "
                             f"({report.summary()})", "raise data.max_length or set data.too_long: truncate")
-        if self.opts.name in NEEDS_REFERENCE and model is not None and not _has_builtin_base(model):
+        if self.opts.name in NEEDS_REFERENCE and model is not None and not has_builtin_base(model):
             collator = self.collator(job, tokenizer)
             for items in (train, evals):
                 _precompute_reference(model, items, collator, job.train.batch_size, device)
@@ -469,12 +470,6 @@ class PreferenceObjective:
         return {"eval_loss": t[0].item() / n, "eval_reward_accuracy": t[2].item() / n,
                 "eval_reward_margin": chosen - rejected, "eval_chosen_reward": chosen, "eval_rejected_reward": rejected,
                 "eval_pairs": int(n)}
-
-
-def _has_builtin_base(model) -> bool:
-    from raylib.methods.reference import has_builtin_base
-
-    return has_builtin_base(model)
 
 
 def _precompute_reference(model, items: list[dict], collator, batch_size: int, device) -> None:

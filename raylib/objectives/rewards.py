@@ -23,7 +23,6 @@ the exception, and the CLI exits non-zero.
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import subprocess
@@ -126,15 +125,9 @@ def resolve(spec: str) -> RewardFn:
     if ":" not in spec:
         raise ConfigError("objective.reward", f"unknown reward {spec!r}",
                           f"use one of {', '.join(BUILTIN)} or a 'module:function' path")
-    mod_name, _, fn_name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError("objective.reward", f"cannot import {spec!r}: {exc}",
-                          "make the module importable on the workers (PYTHONPATH or runtime_env)") from exc
-    if not callable(fn):
-        raise ConfigError("objective.reward", f"{spec!r} is not callable")
-    return fn
+    from raylib.objectives import import_function
+
+    return import_function(spec, "objective.reward")
 
 
 def score(fn: RewardFn, name: str, completions: list[str], rows: list[dict]) -> list[float]:
