@@ -199,12 +199,12 @@ def check(job) -> None:
     if b.offload_params and b.zero_stage != 3:
         raise ConfigError("backend.offload_params", f"parameter offload needs ZeRO stage 3 (zero_stage is {b.zero_stage})",
                           "set backend.zero_stage: 3, or remove backend.offload_params")
-    from raylib.objectives import WORKER_LOOP_OBJECTIVES
+    from raylib.objectives import BATCH_OBJECTIVES
 
-    if job.objective.name not in WORKER_LOOP_OBJECTIVES:
-        raise ConfigError("backend.name", f"objective {job.objective.name!r} has its own loop (rollouts, TRL for grpo), "
-                          "which is not run or tested under DeepSpeed; the DeepSpeed backend runs the worker loop "
-                          f"of {', '.join(WORKER_LOOP_OBJECTIVES)}",
+    if job.objective.name not in BATCH_OBJECTIVES:
+        raise ConfigError("backend.name", f"objective {job.objective.name!r} samples rollouts from the policy "
+                          "between optimizer steps (grpo: inside TRL's trainer), which is not wired to ZeRO's sharded "
+                          f"parameters; the DeepSpeed backend runs {', '.join(BATCH_OBJECTIVES)}",
                           "use backend.name: accelerate with this objective")
     reason = deepspeed_unsupported(job.method.name, b.zero_stage)
     if reason:

@@ -37,6 +37,8 @@ class TrainState:
     eval_loss_before: float | None = None
     eval_before: dict = field(default_factory=dict)  # the other eval metrics before the first step
     history: list = field(default_factory=list)  # eval results: [{"step", "eval_loss", ...}]
+    watch: dict = field(default_factory=dict)  # early stopping / publish-best records (raylib.best)
+    stopped_early: str | None = None  # why early stopping ended the run
 
 
 def save(ckpt_dir: str, *, method, model, tokenizer, optimizer, scheduler, state: TrainState, info: ExpertInfo,

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-from raylib import backends
+from raylib import backends, best
 from raylib.errors import ConfigError
 from raylib.methods import METHODS
 from raylib.objectives import OBJECTIVE_OPTIONS, ObjectiveOptions, SFTOptions, check_objective
@@ -91,6 +91,34 @@ class ScalingConfig(_Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
+class EarlyStoppingConfig(_Strict):
+    """Stop when the eval metric has not improved for `patience` evals (raylib/best.py)."""
+
+    metric: str = Field("eval_loss", description="an eval metric of the objective (eval_loss, eval_token_accuracy, ...)")
+    mode: Literal["min", "max"] | None = Field(None, description="default: min for losses, max otherwise")
+    patience: PositiveInt = Field(3, description="evals without improvement before the run stops")
+    min_delta: float = Field(0.0, ge=0, description="an improvement must exceed this")
+
+    @model_validator(mode="after")
+    def _mode(self) -> "EarlyStoppingConfig":
+        if self.mode is None:
+            self.mode = best.default_mode(self.metric)
+        return self
+
+
+class BestConfig(_Strict):
+    """Which checkpoint `output.publish: best` publishes."""
+
+    metric: str = Field("eval_loss", description="an eval metric of the objective")
+    mode: Literal["min", "max"] | None = Field(None, description="default: min for losses, max otherwise")
+
+    @model_validator(mode="after")
+    def _mode(self) -> "BestConfig":
+        if self.mode is None:
+            self.mode = best.default_mode(self.metric)
+        return self
+
+
 class TrainConfig(_Strict):
     lr: float = Field(2e-4, gt=0)
     epochs: PositiveInt = 1
@@ -109,6 +137,7 @@ class TrainConfig(_Strict):
     eval_every: int | None = Field(None, ge=0, description="steps between evals; default checkpoint_every")
     log_every: PositiveInt = 1
     max_failures: int = Field(0, ge=-1, description="worker-failure restarts (Ray FailureConfig)")
+    early_stopping: EarlyStoppingConfig | None = Field(None, description="stop when an eval metric stops improving")
 
 
 class OutputConfig(_Strict):
@@ -118,6 +147,9 @@ class OutputConfig(_Strict):
     tracking: list[Literal["mlflow", "tensorboard"]] = Field(
         default_factory=list, description="metric trackers: mlflow (file store under dir/mlruns) and/or tensorboard")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else dir/mlruns")
+    publish: Literal["last", "best"] = Field("last", description="the expert published at dir: the last checkpoint's, "
+                                             "or the best by output.best (default: the early-stopping metric, else eval_loss)")
+    best: BestConfig | None = Field(None, description="the metric `publish: best` picks by")
 
 
 MethodConfig = Annotated[Union[tuple(m.Options for m in METHODS.values())], Field(discriminator="name")]
@@ -205,6 +237,7 @@ def validate_job(raw: dict[str, Any], source: str = "job") -> JobConfig:
     METHODS[job.method.name].check(job)
     backends.check(job)
     check_objective(job)
+    best.check(job)
     _check_data(job)
     return job
 

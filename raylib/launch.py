@@ -35,6 +35,7 @@ class RunResult:
     expert_dir: str
     checkpoint_dir: str | None
     metrics: dict[str, Any]
+    published: dict[str, Any] | None = None  # which checkpoint the expert came from (run.json "published")
 
 
 # --------------------------------------------------------------------------- before Ray
@@ -201,7 +202,7 @@ def train(
     finally:
         ray.kill(sink)
     try:
-        run = finish_run(result, out, started, local_run_dir=staging)
+        run = finish_run(result, out, started, local_run_dir=staging, job=job)
     except Exception:
         tracker.close("FAILED")
         _upload_run_files(loc, staging)
@@ -227,8 +228,12 @@ def _upload_run_files(loc: storage.Location, staging: str) -> None:
             log.warning("could not upload %s to %s: %s", path, loc.uri, exc)
 
 
-def finish_run(result, out: str, started: float, local_run_dir: str | None = None) -> RunResult:
+def finish_run(result, out: str, started: float, local_run_dir: str | None = None, job: JobConfig | None = None
+               ) -> RunResult:
     """A finished Ray Train result -> the expert published at `out` plus run.json.
+
+    The expert is the last checkpoint's, or the best one's under the job's `output.publish: best`
+    (run.json's "published" says which: step and metrics of that checkpoint).
 
     `out` may be a URI: the final checkpoint's expert is copied there (expert.json last).
     A failure here (a save or upload) is a failed run, never a silent success.
@@ -242,10 +247,13 @@ def finish_run(result, out: str, started: float, local_run_dir: str | None = Non
     if result.checkpoint is None:
         raise TrainingFailed(f"the run finished without a checkpoint; see {out}/metrics.jsonl and the Ray logs")
     loc = storage.resolve(out)
-    ckpt = result.checkpoint
+    ckpt, ckpt_metrics = published_checkpoint(result, job)
     ckpt_dir = ckpt.path if not loc.is_remote else f"{urlsplit(out).scheme}://{ckpt.path}"
     metrics = dict(result.metrics or {})
     metrics["wall_time_s"] = round(time.time() - started, 2)
+    which = job.output.publish if job is not None else "last"
+    published = {"which": which, "checkpoint": ckpt_dir, "step": ckpt_metrics.get("step"),
+                 **{k: v for k, v in ckpt_metrics.items() if k.startswith("eval_") and isinstance(v, (int, float))}}
     try:
         if loc.is_remote:
             with tempfile.TemporaryDirectory(prefix="raylib-expert-") as tmp:
@@ -256,7 +264,8 @@ def finish_run(result, out: str, started: float, local_run_dir: str | None = Non
         else:
             publish_expert(os.path.join(ckpt_dir, "expert"), out)
         storage.write_text(loc, "run.json", json.dumps(
-            {"checkpoint": ckpt_dir, "expert": out, "metrics": metrics}, indent=2, default=str))
+            {"checkpoint": ckpt_dir, "expert": out, "published": published, "metrics": metrics}, indent=2,
+            default=str))
     except Exception as exc:
         raise TrainingFailed(
             f"training finished but publishing the expert to {out} failed: {type(exc).__name__}: "
@@ -266,7 +275,7 @@ def finish_run(result, out: str, started: float, local_run_dir: str | None = Non
     from raylib.tracking import write_loss_curve
 
     write_loss_curve(local_run_dir or out, ckpt_dir if not loc.is_remote else None)
-    return RunResult(expert_dir=out, checkpoint_dir=ckpt_dir, metrics=metrics)
+    return RunResult(expert_dir=out, checkpoint_dir=ckpt_dir, metrics=metrics, published=published)
 
 
 def build_trainer(job: JobConfig, *, storage_path: str, progress_sink=None, callbacks: list | None = None):
@@ -275,7 +284,7 @@ def build_trainer(job: JobConfig, *, storage_path: str, progress_sink=None, call
     Ray Train keeps the run under `<storage_path>/checkpoints/` and restores it from there
     when the same trainer is built again (driver restart, resumed search).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
 
@@ -298,11 +307,39 @@ def build_trainer(job: JobConfig, *, storage_path: str, progress_sink=None, call
             name=CHECKPOINTS,
             **storage.resolve(storage_path).ray_storage(),  # a path, or a URI's pyarrow filesystem
             failure_config=FailureConfig(max_failures=job.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
+            checkpoint_config=_checkpoint_config(job),
             logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO goes to its log files
             callbacks=callbacks or None,
         ),
     )
+
+
+def _checkpoint_config(job):
+    """Ray keeps the newest `keep_checkpoints`, or under `publish: best` the best ones by the
+    published metric (and always the latest, which a resume starts from)."""
+    from ray.train import CheckpointConfig
+
+    from raylib.best import publish_best
+
+    watch = publish_best(job)
+    if watch is None:
+        return CheckpointConfig(num_to_keep=job.train.keep_checkpoints)
+    return CheckpointConfig(num_to_keep=job.train.keep_checkpoints, checkpoint_score_attribute=watch.metric,
+                            checkpoint_score_order=watch.mode)
+
+
+def published_checkpoint(result, job) -> tuple[Any, dict]:
+    """The checkpoint whose expert a run publishes, and its metrics: the last, or under
+    `output.publish: best` the best of those Ray kept by the published metric."""
+    from raylib.best import publish_best
+
+    watch = publish_best(job) if job is not None else None
+    if watch is not None:
+        ranked = [(c, m) for c, m in (result.best_checkpoints or []) if m.get(watch.metric) is not None]
+        if ranked:
+            pick = min if watch.mode == "min" else max
+            return pick(ranked, key=lambda cm: cm[1][watch.metric])
+    return result.checkpoint, dict(result.metrics or {})
 
 
 def publish_expert(src: str, dest: str) -> None:
@@ -379,6 +416,10 @@ def print_summary(result: RunResult, stream=sys.stdout) -> None:
         print(f"eval loss: {before:.4f} -> {after:.4f} ({after - before:+.4f})", file=stream)
     if m.get("step_time_p50"):
         print(f"steps: {m.get('step')}, median step {m['step_time_p50'] * 1000:.1f} ms, packing efficiency {m.get('packing_efficiency', 0):.3f}", file=stream)
+    if m.get("stopped_early"):
+        print(f"stopped early at step {m.get('step')}: {m['stopped_early']}", file=stream)
+    if result.published and result.published.get("which") == "best":
+        print(f"published the best checkpoint: step {result.published.get('step')}", file=stream)
     print(f"expert saved to {result.expert_dir}", file=stream)
     if result.checkpoint_dir:
         print(f"last checkpoint: {result.checkpoint_dir}", file=stream)

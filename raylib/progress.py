@@ -109,6 +109,8 @@ class ProgressPrinter:
                 else:
                     detail = f"token accuracy {e.get('eval_token_accuracy', 0):.3f}"
                 self._write(f"step {e['step']}: eval loss {e['eval_loss']:.4f}, {detail}")
+            if self.enabled and e.get("stopped_early"):
+                self._write(f"step {e['step']}: early stopping: {e['stopped_early']}")
 
     def _show_step(self, e: dict) -> None:
         postfix = f"loss={e['loss']:.4f} lr={e['lr']:.2e} tok/s={e['tokens_per_s']:,.0f}"

@@ -1,11 +1,11 @@
-"""The per-worker training loop. Reads top to bottom:
+"""What Ray Train runs in every worker, and the batch objectives' optimizer step.
 
-    load tokenizer + base model -> apply the method -> data -> optimizer/scheduler
-    -> (resume from the latest checkpoint) -> eval before -> train steps with periodic
-    eval and checkpoints -> final eval + final checkpoint (which holds the expert).
-
-`train_worker` is what Ray Train runs in every worker. `run` takes a `session` so the same
-loop also runs without Ray (`PlainSession`), which the overhead benchmark uses as baseline.
+`train_worker` is the Ray Train entry point: it picks the objective's `Steps` (`BatchSteps`
+here for sft, classification, preference and reward models; `objectives.rl.RolloutSteps` for
+reinforce and ppo; TRL's trainer for grpo) and hands them to `recipe.fit`, the one loop
+(schedule, resume, progress, eval and checkpoint cadence). `run` takes a `session` so the
+same loop also runs without Ray (`PlainSession`), which the overhead benchmark uses as
+baseline.
 """
 
 from __future__ import annotations
@@ -14,18 +14,12 @@ import logging
 import math
 import os
 import tempfile
-import time
 from typing import Any
 
-from raylib import backends, checkpointing, recipe
-from raylib.checkpointing import TrainState
-from raylib.metrics import steady_step_time
-from raylib.objectives import WORKER_LOOP_OBJECTIVES, loop_objective
+from raylib import backends, recipe
+from raylib.objectives import BATCH_OBJECTIVES, loop_objective
 
 log = logging.getLogger("raylib.train")
-
-#: eval metrics kept per eval in the run's history (train_state, run.json)
-HISTORY_KEYS = ("step", "eval_loss", "eval_token_accuracy", "eval_reward_accuracy", "eval_reward_margin")
 
 
 # --------------------------------------------------------------------------- sessions
@@ -93,187 +87,107 @@ def train_worker(config: dict[str, Any]) -> None:
     from raylib.config import JobConfig
 
     job = JobConfig.model_validate(config["job"])
-    if job.objective.name not in WORKER_LOOP_OBJECTIVES:  # RL objectives have their own loop
+    session, use_gpu = RaySession(config.get("progress")), config.get("use_gpu", False)
+    if job.objective.name not in BATCH_OBJECTIVES:  # reinforce, ppo (RolloutSteps) and grpo (TRL)
         from raylib.objectives import rl
 
-        return rl.run(job, RaySession(config.get("progress")), use_gpu=config.get("use_gpu", False))
-    run(job, RaySession(config.get("progress")), use_gpu=config.get("use_gpu", False))
+        rl.run(job, session, use_gpu=use_gpu)
+        return
+    run(job, session, use_gpu=use_gpu)
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- the steps
 
 
 def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
-    import torch
-    from torch.utils.data import DataLoader
-    from transformers import get_scheduler
+    """Train one job of a worker-loop objective (`recipe.fit` over `BatchSteps`)."""
+    return recipe.fit(job, session, BatchSteps(job, use_gpu))
 
-    objective = loop_objective(job)  # what a batch is, the loss, the eval (and a reward head)
-    built = recipe.setup(job, use_gpu, head=getattr(objective, "model_head", None))
-    accelerator, device_type, tokenizer, method, model = (built.accelerator, built.device_type, built.tokenizer,
-                                                          built.method, built.model)
-    trainable, total = built.trainable, built.total
-    rank, world = accelerator.process_index, accelerator.num_processes
-    node_ids = _worker_node_ids(world)  # where each rank runs: placement evidence (SPREAD)
 
-    # data (heads may cache backbone features here)
-    prepared = objective.prepare(job, tokenizer, model, accelerator.device)
-    collator = objective.collator(job, tokenizer)
-    loader = DataLoader(prepared.train, batch_size=job.train.batch_size, shuffle=True, collate_fn=collator)
+class BatchSteps:
+    """sft, classification, dpo/orpo/simpo/kto and reward models: the objective (what a batch
+    is, the loss, the eval; `objectives.loop_objective`) over a DataLoader of its prepared
+    data, `train.grad_accum` micro-batches per optimizer step (Accelerate's `accumulate`, or
+    the DeepSpeed engine's own step)."""
 
-    # optimizer, distribution, schedule
-    optimizer = backends.build_optimizer(model, job.train)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps_per_epoch = math.ceil(len(loader) / job.train.grad_accum)
-    total_steps = job.train.max_steps or steps_per_epoch * job.train.epochs
-    scheduler = get_scheduler(
-        job.train.lr_scheduler,
-        optimizer,
-        num_warmup_steps=int(job.train.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    unwrapped = accelerator.unwrap_model(model)
-    engine = backends.deepspeed_engine(accelerator, model)  # None on the accelerate backend
-    method.begin_training(unwrapped, total_steps)
+    def __init__(self, job, use_gpu: bool = False):
+        import torch
+        from torch.utils.data import DataLoader
 
-    def evaluate() -> dict:
-        if not prepared.eval:
-            return {}
-        return objective.evaluate(
-            unwrapped, prepared.eval, collator, job.train.batch_size, rank, world, accelerator.device,
-            lambda t: accelerator.reduce(t, reduction="sum"),
-            lockstep=backends.needs_lockstep(engine),
-        )
+        self.job = job
+        self.objective = objective = loop_objective(job)
+        self.setup = built = recipe.setup(job, use_gpu, head=getattr(objective, "model_head", None))
+        accelerator = built.accelerator
+        # data (heads may cache backbone features here)
+        self.prepared = objective.prepare(job, built.tokenizer, built.model, accelerator.device)
+        self.collator = objective.collator(job, built.tokenizer)
+        loader = DataLoader(self.prepared.train, batch_size=job.train.batch_size, shuffle=True, collate_fn=self.collator)
+        optimizer = backends.build_optimizer(built.model, job.train)
+        self.model, self.optimizer, self.loader = accelerator.prepare(built.model, optimizer, loader)
+        self.total_steps = job.train.max_steps or math.ceil(len(self.loader) / job.train.grad_accum) * job.train.epochs
+        self.unwrapped = accelerator.unwrap_model(self.model)
+        self.engine = backends.deepspeed_engine(accelerator, self.model)  # None on the accelerate backend
+        self.modules = None
+        self.data_summary = self.prepared.report.summary()
+        self._window = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss*n, label tokens, tokens
+        self._padded = self._real = 0
+        self._batches = None  # the micro-batch stream, opened at the first step (after a resume)
 
-    # resume or start
-    resume_dir = session.latest_checkpoint_dir()
-    if resume_dir:
-        state = checkpointing.restore(resume_dir, method=method, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
-                                      engine=engine)
-        log.info("rank %d resumed from %s at step %d", rank, resume_dir, state.step)
-    else:
-        state = TrainState()
-        before = evaluate()
-        state.eval_loss_before = before.get("eval_loss")
-        state.eval_before = {k: before[k] for k in HISTORY_KEYS if k in before and k not in ("step", "eval_loss")}
-    last_saved = state.step if resume_dir else -1
-    base_metrics = {
-        "trainable_params": trainable,
-        "total_params": total,
-        "total_steps": total_steps,
-        "world_size": world,
-        "worker_node_ids": ",".join(node_ids),
-        "num_nodes": len(set(node_ids)),
-        "device": device_type,
-        "torch_threads": torch.get_num_threads(),
-        "mixed_precision": str(accelerator.mixed_precision),
-        **prepared.report.as_metrics(),
-    }
-    session.progress({
-        "type": "start", "total_steps": total_steps, "step": state.step, "trainable_params": trainable,
-        "total_params": total, "eval_loss_before": state.eval_loss_before, "data": prepared.report.summary(),
-        "resumed_from": resume_dir, "pid": os.getpid(), "node_ids": node_ids,
-        "world_size": world, "device": device_type, "torch_threads": torch.get_num_threads(),
-    })
-
-    cadence = recipe.Cadence.of(job, total_steps)
-    window = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss*n, label tokens, tokens
-    step_times: list[float] = []
-    padded = real = 0
-    t_window = t_step = time.perf_counter()
-    model.train()
-
-    while state.step < total_steps:
-        loader.set_epoch(state.epoch)
-        batches = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
-        for batch in batches:
-            n_tokens = batch.pop("num_tokens")
-            n_labels = (batch["labels"] != -100).sum()
-            padded += batch["input_ids"].numel() if "input_ids" in batch else int(n_tokens)  # cached features
-            real += int(n_tokens)
-            with accelerator.accumulate(model):
-                loss = objective.loss(model, batch)
-                if engine is not None:  # DeepSpeed: backward, (the method's look at the grads), step
-                    backends.engine_backward_and_step(
-                        engine, loss, accelerator.sync_gradients,
-                        before_step=lambda: method.before_engine_step(unwrapped, state.step, engine))
-                else:
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and job.train.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
-                optimizer.step()  # a no-op under DeepSpeed (the engine stepped)
-                if accelerator.sync_gradients:
-                    method.after_step(unwrapped, state.step, engine)  # gradients still there (AdaLoRA)
-                optimizer.zero_grad()
-            window += torch.stack([loss.detach().double() * n_labels, n_labels.double(), n_tokens.double()])
-            state.batches_in_epoch += 1
-            if not accelerator.sync_gradients:
-                continue
-
-            scheduler.step()
-            state.step += 1
-            now = time.perf_counter()
-            step_times.append(now - t_step)
-            t_step = now
-
-            if state.step % job.train.log_every == 0 or state.step == total_steps:
-                sums = accelerator.reduce(window, reduction="sum")
-                elapsed = max(now - t_window, 1e-9)
-                state.tokens_seen += int(sums[2].item())
-                session.progress({
-                    "type": "step", "step": state.step, "total_steps": total_steps, "epoch": state.epoch,
-                    "loss": sums[0].item() / max(sums[1].item(), 1.0), "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": sums[2].item() / elapsed,
-                })
-                window.zero_()
-                t_window = time.perf_counter()
-
-            at_end, do_eval, do_ckpt = cadence.at(state.step)
-            if do_eval or do_ckpt:
-                metrics = {**base_metrics, "step": state.step, "epoch": state.epoch, "tokens_seen": state.tokens_seen,
-                           "eval_loss_before": state.eval_loss_before, "packing_efficiency": real / max(padded, 1),
-                           **{f"{k}_before": v for k, v in state.eval_before.items()}}
-                if do_eval:
-                    metrics.update(evaluate())
-                    state.history.append({k: metrics[k] for k in HISTORY_KEYS if k in metrics})
-                    session.progress({"type": "eval", **metrics})
-                if at_end:
-                    metrics["step_time_p50"] = steady_step_time(step_times)
-                    if device_type == "cuda":  # this rank's high-water mark of allocated GPU memory
-                        metrics["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-                if do_ckpt:
-                    checkpointing.report_checkpoint(session, job, method, unwrapped, tokenizer, optimizer, scheduler,
-                                                   state, metrics, rank, engine)
-                    last_saved = state.step
-                else:
-                    session.report(metrics, None, None)
-                t_step = time.perf_counter()  # eval/checkpoint time is not step time
-            if at_end:
-                break
-        else:  # the epoch ran out before total_steps
+    def _micro_batches(self, state):
+        """The loader's batches from the data position in `state` on, epoch after epoch."""
+        while True:
+            self.loader.set_epoch(state.epoch)
+            skip = state.batches_in_epoch
+            yield from (self.setup.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader)
             state.epoch += 1
             state.batches_in_epoch = 0
 
-    if last_saved != state.step:  # resumed from the final checkpoint: nothing left to save
-        session.report({**base_metrics, "step": state.step}, None, None)
-    return {"step": state.step, "step_times": step_times, "packing_efficiency": real / max(padded, 1), "state": state,
-            "model": unwrapped}
+    def train_step(self, state) -> None:
+        import torch
 
+        accelerator, model, method, engine = self.setup.accelerator, self.model, self.setup.method, self.engine
+        if self._batches is None:
+            self._batches = self._micro_batches(state)
+        model.train()
+        for batch in self._batches:
+            n_tokens = batch.pop("num_tokens")
+            n_labels = (batch["labels"] != -100).sum()
+            self._padded += batch["input_ids"].numel() if "input_ids" in batch else int(n_tokens)  # cached features
+            self._real += int(n_tokens)
+            with accelerator.accumulate(model):
+                loss = self.objective.loss(model, batch)
+                if engine is not None:  # DeepSpeed: backward, (the method's look at the grads), step
+                    backends.engine_backward_and_step(
+                        engine, loss, accelerator.sync_gradients,
+                        before_step=lambda: method.before_engine_step(self.unwrapped, state.step, engine))
+                else:
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and self.job.train.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), self.job.train.max_grad_norm)
+                self.optimizer.step()  # a no-op under DeepSpeed (the engine stepped)
+                if accelerator.sync_gradients:
+                    method.after_step(self.unwrapped, state.step, engine)  # gradients still there (AdaLoRA)
+                self.optimizer.zero_grad()
+            self._window += torch.stack([loss.detach().double() * n_labels, n_labels.double(), n_tokens.double()])
+            state.batches_in_epoch += 1
+            if accelerator.sync_gradients:
+                return
 
-def _worker_node_ids(world: int) -> list[str]:
-    """The Ray node id of every rank, in rank order (empty outside Ray)."""
-    try:
-        import ray
+    def window(self, state, elapsed: float) -> dict:
+        sums = self.setup.accelerator.reduce(self._window, reduction="sum")
+        self._window.zero_()
+        state.tokens_seen += int(sums[2].item())
+        return {"loss": sums[0].item() / max(sums[1].item(), 1.0), "tokens_per_s": sums[2].item() / elapsed}
 
-        if not ray.is_initialized():
-            return []
-        node = ray.get_runtime_context().get_node_id()
-    except Exception:
-        return []
-    import torch.distributed as dist
+    def evaluate(self) -> dict:
+        if not self.prepared.eval:
+            return {}
+        accelerator = self.setup.accelerator
+        return self.objective.evaluate(
+            self.unwrapped, self.prepared.eval, self.collator, self.job.train.batch_size, accelerator.process_index,
+            accelerator.num_processes, accelerator.device, lambda t: accelerator.reduce(t, reduction="sum"),
+            lockstep=backends.needs_lockstep(self.engine),
+        )
 
-    if world > 1 and dist.is_available() and dist.is_initialized():
-        ids: list = [None] * world
-        dist.all_gather_object(ids, node)
-        return [str(i) for i in ids]
-    return [node]
+    def run_metrics(self) -> dict:
+        return {**self.prepared.report.as_metrics(), "packing_efficiency": self._real / max(self._padded, 1)}

@@ -5,6 +5,7 @@ learning), resume exactly, run as Ray Train jobs, and refuse bad input before Ra
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -323,7 +324,26 @@ def test_a_reward_model_is_the_reward_of_an_rl_run(tiny_model, pairs, tmp_path):
                "lr_scheduler": "constant"}))
     out = rl.run(job, PlainSession(str(tmp_path / "rl-ck")))
     history = out["state"].history
-    assert history[-1]["eval_reward"] > history[0]["eval_reward"] + 0.5, history
+    assert history[-1]["eval_reward"] > out["state"].eval_before["eval_reward"] + 0.5, history
+
+
+def test_grpo_takes_a_reward_model_as_its_reward(tiny_model, pairs, tmp_path):
+    """`reward: model:<dir>` in TRL's GRPOTrainer: the trained reward expert scores the group's
+    completions (real-valued scores, not a 0/1 rule), the adapter trains and checkpoints."""
+    from raylib.objectives import rl
+
+    report = _reward_model(tiny_model, pairs, str(tmp_path / "rm"))
+    expert = os.path.join(report["checkpoint"], "expert")
+    job = validate_job(job_dict(
+        tiny_model, pairs, str(tmp_path / "grpo"), method={"name": "lora", "r": 8, "dropout": 0.0},
+        objective={"name": "grpo", "reward": f"model:{expert}", "num_samples": 4, "max_new_tokens": 6},
+        train={"lr": 3e-3, "max_steps": 2, "batch_size": 4, "checkpoint_every": 1, "lr_scheduler": "constant"}))
+    session = PlainSession(str(tmp_path / "grpo-ck"))
+    rl.run(job, session)
+    assert [r["step"] for r in session.reports] == [1, 2]
+    rewards = [r["reward"] for r in session.reports]
+    assert all(math.isfinite(x) for x in rewards) and any(x not in (0.0, 1.0) for x in rewards), rewards
+    assert os.path.isfile(os.path.join(session.reports[-1]["checkpoint"], "expert", "adapter_model.safetensors"))
 
 
 def test_reward_model_refusals(tiny_model, pairs, tmp_path):

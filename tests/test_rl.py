@@ -69,7 +69,7 @@ def test_reinforce_raises_the_mean_reward(tiny_model, tmp_path):
     session = PlainSession(str(tmp_path / "ck"))
     out = rl.run(job, session)
     history = out["state"].history
-    before, after = history[0]["eval_reward"], history[-1]["eval_reward"]
+    before, after = out["state"].eval_before["eval_reward"], history[-1]["eval_reward"]
     step_rewards = [e["reward"] for e in session.events if e["type"] == "step"]
     print("eval reward", before, "->", after, "train rewards", step_rewards)
     assert after > before + 0.2
@@ -122,7 +122,7 @@ def test_ppo_is_actor_critic(tiny_model, tmp_path):
     history = out["state"].history
     steps = [e for e in session.events if e["type"] == "step"]
     assert steps[-1]["value_loss"] < steps[0]["value_loss"], [e["value_loss"] for e in steps]
-    assert history[-1]["eval_reward"] > history[0]["eval_reward"] + 0.2, history
+    assert history[-1]["eval_reward"] > out["state"].eval_before["eval_reward"] + 0.2, history
     ckpt = session.reports[-1]["checkpoint"]
     head = torch.load(os.path.join(ckpt, "train_state", "value_head.pt"))
     assert head["weight"].shape == (1, 64)

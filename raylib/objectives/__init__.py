@@ -52,8 +52,9 @@ OBJECTIVE_OPTIONS += _preference_options()  # issue 16: dpo, orpo, simpo, kto, r
 
 #: pairwise/binary preference objectives and reward models (raylib/objectives/preference.py)
 PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo", "kto", "reward")
-#: objectives trained by the shared worker loop (train_loop.run); the RL ones run their own
-WORKER_LOOP_OBJECTIVES = ("sft", "classification", *PREFERENCE_OBJECTIVES)
+#: objectives whose optimizer step is over batches of their data (train_loop.BatchSteps); reinforce
+#: and ppo step by rollouts (objectives.rl.RolloutSteps), both in `recipe.fit`; grpo runs in TRL
+BATCH_OBJECTIVES = ("sft", "classification", *PREFERENCE_OBJECTIVES)
 ObjectiveOptions = (
     Annotated[Union[tuple(OBJECTIVE_OPTIONS)], Field(discriminator="name")] if len(OBJECTIVE_OPTIONS) > 1 else SFTOptions
 )
@@ -123,9 +124,9 @@ def import_function(spec: str, field: str):
 
 
 def loop_objective(job):
-    """What the SFT-style worker loop (train_loop.run) uses for data, loss and eval: an
+    """What a batch objective's step (train_loop.BatchSteps) uses for data, loss and eval: an
     object with prepare(job, tokenizer, model, device), collator(job, tokenizer), loss(model,
-    batch) and evaluate(...). RL objectives run their own loops instead."""
+    batch) and evaluate(...). reinforce/ppo step by rollouts instead (objectives.rl)."""
     name = job.objective.name
     if name == "reward":
         from raylib.objectives.preference import RewardObjective
@@ -140,6 +141,22 @@ def loop_objective(job):
     else:
         from raylib.objectives import sft as base
     return CustomLoss(base, job.objective.loss) if job.objective.loss else base
+
+
+def eval_metrics(job) -> list[str]:
+    """The metrics the objective's eval reports during training (what early stopping and
+    `publish: best` can watch); grpo (TRL's loop) reports none."""
+    name = job.objective.name
+    if name == "sft":
+        return ["eval_loss", "eval_token_accuracy"]
+    if name == "classification":
+        per_task = [f"eval_{t}_{m}" for t in getattr(job.method, "tasks", {}) for m in ("accuracy", "macro_f1")]
+        return ["eval_loss", "eval_accuracy", "eval_macro_f1", *per_task]
+    if name in PREFERENCE_OBJECTIVES:
+        return ["eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_chosen_reward", "eval_rejected_reward"]
+    if name in ("reinforce", "ppo"):
+        return ["eval_reward"]
+    return []
 
 
 def preflight(job, tokenizer=None):

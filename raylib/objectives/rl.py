@@ -2,7 +2,9 @@
 
 All three run inside Ray Train workers (`train_loop.train_worker` dispatches here on
 `objective.name`) and write the same checkpoints as SFT (`raylib.checkpointing`: expert/ +
-train_state/), so `--resume` and Ray's automatic restore work the same way.
+train_state/), so `--resume` and Ray's automatic restore work the same way. reinforce and ppo
+are `RolloutSteps` in the loop every objective shares (`recipe.fit`: schedule, resume,
+progress, eval and checkpoint cadence); grpo is TRL's trainer with a checkpointing callback.
 
 Data: the rows of `data.train` (instruction/input/output, the `alpaca` or `chat` template)
 are prompts; `output` is the reference the reward function sees (with the whole row).
@@ -195,6 +197,7 @@ class Policy:
     model (DDP) the loss goes through; `unwrapped` is the same module for sampling, no-grad
     log-probs and checkpoints; `frozen` is the reference copy (full fine-tuning only)."""
 
+    setup: Any  # recipe.Setup: accelerator, tokenizer, method, parameter counts
     accelerator: Any
     model: Any
     unwrapped: Any
@@ -235,10 +238,10 @@ def build_policy(job, use_gpu: bool = False) -> Policy:
         accelerator.gradient_accumulation_steps = 1  # one optimizer step per PPO minibatch
         optimizer = backends.build_optimizer(critic, job.train)
         wrapped, optimizer = accelerator.prepare(critic, optimizer)
-        return Policy(accelerator, wrapped, model, optimizer, tokenizer, method, frozen, critic)
+        return Policy(built, accelerator, wrapped, model, optimizer, tokenizer, method, frozen, critic)
     optimizer = backends.build_optimizer(model, job.train)
     model, optimizer = accelerator.prepare(model, optimizer)
-    return Policy(accelerator, model, accelerator.unwrap_model(model), optimizer, tokenizer, method, frozen)
+    return Policy(built, accelerator, model, accelerator.unwrap_model(model), optimizer, tokenizer, method, frozen)
 
 
 def sample_step(policy: Policy, shard: list[dict], job, step: int, rank: int, reward_fn) -> list[MicroBatch]:
@@ -403,92 +406,79 @@ def ppo_update(policy: Policy, micro_batches: list[MicroBatch], job, step: int =
 
 
 def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
-    """The RL loop for `reinforce` and `ppo` (and the entry that hands `grpo` to TRL)."""
+    """reinforce and ppo: `recipe.fit` over `RolloutSteps`; grpo: TRL's trainer (`run_grpo`)."""
     if job.objective.name == "grpo":
         return run_grpo(job, session, use_gpu)
-    import torch
-    from transformers import get_scheduler
+    from raylib import recipe
 
-    from raylib import checkpointing, models, recipe
-    from raylib.checkpointing import TrainState, report_checkpoint
-    from raylib.metrics import steady_step_time
-    from raylib.objectives.rewards import resolve
+    return recipe.fit(job, session, RolloutSteps(job, use_gpu))
 
-    obj = job.objective
-    policy = build_policy(job, use_gpu)
-    accelerator, method, tokenizer, unwrapped = policy.accelerator, policy.method, policy.tokenizer, policy.unwrapped
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    reward_fn = resolve(obj.reward)
-    trainable, total = models.count_parameters(unwrapped)
 
-    rows = load_rows(job, "train")
-    eval_rows = load_rows(job, "eval")
-    shard = rows[rank::world] or rows
-    epoch_steps = steps_per_epoch(len(shard), job.train.batch_size, job.train.grad_accum)
-    total_steps = job.train.max_steps or epoch_steps * job.train.epochs
-    scheduler = get_scheduler(job.train.lr_scheduler, policy.optimizer,
-                              num_warmup_steps=int(job.train.warmup_ratio * total_steps), num_training_steps=total_steps)
-    reduce_sum = lambda t: accelerator.reduce(t, reduction="sum")  # noqa: E731
+class RolloutSteps:
+    """reinforce / ppo as `recipe.fit`'s steps: each optimizer step samples and scores the
+    step's rollouts (`sample_step`), then updates the policy (`update`; ppo: `ppo_update`).
+    Eval: mean reward of greedy answers on data.eval."""
 
-    def evaluate() -> dict:
-        return eval_reward(unwrapped, tokenizer, eval_rows, job, reward_fn, rank, world, device, reduce_sum) if eval_rows else {}
+    def __init__(self, job, use_gpu: bool = False):
+        import torch
 
-    extra_modules = {"value_head": policy.critic.value_head} if policy.critic is not None else None
-    resume_dir = session.latest_checkpoint_dir()
-    if resume_dir:
-        state = checkpointing.restore(resume_dir, method=method, model=unwrapped, optimizer=policy.optimizer,
-                                      scheduler=scheduler, modules=extra_modules)
-    else:
-        state = TrainState()
-        state.history.append({"step": 0, **evaluate()})
-    reward_before = state.history[0].get("eval_reward") if state.history else None
-    base_metrics = {"trainable_params": trainable, "total_params": total, "total_steps": total_steps,
-                    "world_size": world, "objective": obj.name}
-    session.progress({"type": "start", "total_steps": total_steps, "step": state.step, "trainable_params": trainable,
-                      "total_params": total, "eval_loss_before": None, "data": f"{len(rows)} prompts",
-                      "resumed_from": resume_dir})
-    cadence = recipe.Cadence.of(job, total_steps)
-    step_times: list[float] = []
-    last_saved = state.step if resume_dir else -1
+        from raylib.objectives.rewards import resolve
 
-    while state.step < total_steps:
-        t0 = time.perf_counter()
-        micro_batches = sample_step(policy, shard, job, state.step, rank, reward_fn)
-        result = (ppo_update(policy, micro_batches, job, state.step, rank) if obj.name == "ppo"
-                  else update(policy, micro_batches, job))
-        scheduler.step()
-        state.step += 1
-        step_times.append(time.perf_counter() - t0)
+        self.job = job
+        self.policy = policy = build_policy(job, use_gpu)
+        self.setup, self.optimizer, self.unwrapped = policy.setup, policy.optimizer, policy.unwrapped
+        self.engine = None  # refused up front (backends.check)
+        self.modules = {"value_head": policy.critic.value_head} if policy.critic is not None else None
+        self.reward_fn = resolve(job.objective.reward)
+        accelerator = policy.accelerator
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        rows = load_rows(job, "train")
+        self.eval_rows = load_rows(job, "eval")
+        self.shard = rows[self.rank :: self.world] or rows
+        self.epoch_steps = steps_per_epoch(len(self.shard), job.train.batch_size, job.train.grad_accum)
+        self.total_steps = job.train.max_steps or self.epoch_steps * job.train.epochs
+        self.data_summary = f"{len(rows)} prompts"
+        # reward sum, samples, kl sum, kl samples, loss sum, value loss sum, steps, sampled tokens
+        self._window = torch.zeros(8, dtype=torch.float64, device=accelerator.device)
+
+    def _reduce_sum(self, t):
+        return self.policy.accelerator.reduce(t, reduction="sum")
+
+    def train_step(self, state) -> None:
+        import torch
+
+        state.epoch = state.step // self.epoch_steps
+        micro_batches = sample_step(self.policy, self.shard, self.job, state.step, self.rank, self.reward_fn)
+        if self.job.objective.name == "ppo":
+            result = ppo_update(self.policy, micro_batches, self.job, state.step, self.rank)
+        else:
+            result = update(self.policy, micro_batches, self.job)
         rewards = [r for mb in micro_batches for r in mb.rewards]
         kl = result["kl"]
-        stats = reduce_sum(torch.tensor([sum(rewards), len(rewards), kl.sum().item(), len(kl)],
-                                        dtype=torch.float64, device=device))
-        step_metrics = {"reward": stats[0].item() / stats[1].item(), "kl": stats[2].item() / stats[3].item(),
-                        "loss": result["loss"]}
-        if "value_loss" in result:
-            step_metrics["value_loss"] = result["value_loss"]
-        if state.step % job.train.log_every == 0 or state.step == total_steps:
-            session.progress({"type": "step", "step": state.step, "total_steps": total_steps, "epoch": 0,
-                              "lr": scheduler.get_last_lr()[0], "tokens_per_s": 0.0, **step_metrics})
-        at_end, do_eval, do_ckpt = cadence.at(state.step)
-        if do_eval or do_ckpt:
-            metrics = {**base_metrics, **step_metrics, "step": state.step, "eval_reward_before": reward_before}
-            if do_eval:
-                metrics.update(evaluate())
-                state.history.append({"step": state.step, "eval_reward": metrics.get("eval_reward"),
-                                      "reward": step_metrics["reward"]})
-                session.progress({"type": "eval", **metrics})
-            if at_end:
-                metrics["step_time_p50"] = steady_step_time(step_times)
-            if do_ckpt:
-                report_checkpoint(session, job, method, unwrapped, tokenizer, policy.optimizer, scheduler, state, metrics,
-                                  rank, modules=extra_modules)
-                last_saved = state.step
-            else:
-                session.report(metrics, None, None)
-    if last_saved != state.step:
-        session.report({**base_metrics, "step": state.step}, None, None)
-    return {"step": state.step, "step_times": step_times, "state": state}
+        tokens = sum(len(p) + len(c) for mb in micro_batches for p, c in mb.pairs)
+        self._window += torch.tensor([sum(rewards), len(rewards), kl.sum().item(), len(kl), result["loss"],
+                                      result.get("value_loss", 0.0), 1, tokens], dtype=torch.float64,
+                                     device=self._window.device)
+
+    def window(self, state, elapsed: float) -> dict:
+        s = self._reduce_sum(self._window).tolist()
+        self._window.zero_()
+        state.tokens_seen += int(s[7])
+        steps = max(s[6], 1.0)  # the ranks' step counts summed: every rank took the same steps
+        out = {"reward": s[0] / max(s[1], 1.0), "kl": s[2] / max(s[3], 1.0), "loss": s[4] / steps,
+               "tokens_per_s": s[7] / elapsed}
+        if self.job.objective.name == "ppo":
+            out["value_loss"] = s[5] / steps
+        return out
+
+    def evaluate(self) -> dict:
+        if not self.eval_rows:
+            return {}
+        return eval_reward(self.unwrapped, self.policy.tokenizer, self.eval_rows, self.job, self.reward_fn, self.rank,
+                           self.world, self.policy.accelerator.device, self._reduce_sum)
+
+    def run_metrics(self) -> dict:
+        return {}
 
 
 # --------------------------------------------------------------------------- grpo (TRL)

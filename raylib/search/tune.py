@@ -162,7 +162,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], search_dir: str, met
     storage.write_text(trial_loc, "job.yaml", yaml.safe_dump(raw, sort_keys=False))
     started = time.time()
     trainer = launch.build_trainer(job, storage_path=trial_dir, callbacks=[_report_callback(metric)])
-    launch.finish_run(trainer.fit(), trial_dir, started)
+    launch.finish_run(trainer.fit(), trial_dir, started, job=job)
 
 
 def _report_callback(metric: str):
