@@ -1,4 +1,4 @@
-"""Metric tracking (`output.tracking: [mlflow, tensorboard]`) and the loss-curve PNG.
+"""Metric tracking (`output.tracking: [mlflow, tensorboard, wandb]`) and the loss-curve PNG.
 
 Where it runs: on the driver, fed by the same progress events rank 0 sends for the progress
 bar (every step's loss/lr/tokens-per-s and every eval). Ray's own integrations do not fit
@@ -12,6 +12,12 @@ reach the driver only at eval/checkpoint steps. So raylib calls the libraries di
   Experiment = `output.experiment` (default "raylib"); params = the flattened job. The run id
   is kept in `<output.dir>/tracking.json`, so `--resume` continues the same MLflow run.
 - TensorBoard: event files in `<output.dir>/tensorboard` (`tensorboard --logdir ...`).
+- Weights & Biases: one W&B run per raylib run (`output.wandb`: project, default
+  `output.experiment` or "raylib"; entity; mode online | offline, default $WANDB_MODE, else
+  online), its files under `<output.dir>/wandb`; config = the job, metrics by step, the final
+  metrics in the run summary and `loss_curve.png` as an image at the end. The run id is kept
+  in `tracking.json`, so `--resume` continues the same W&B run. Offline runs upload later with
+  `wandb sync <output.dir>/wandb/offline-run-*`.
 - `loss_curve.png` (train loss per step, eval loss per eval) is written at the end of every
   run from `<output.dir>/metrics.jsonl`, whether tracking is on or not.
 """
@@ -26,7 +32,8 @@ log = logging.getLogger("raylib")
 
 STEP_KEYS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s"}
 EVAL_KEYS = {"eval_loss": "eval/loss", "eval_token_accuracy": "eval/token_accuracy",
-             "eval_reward_accuracy": "eval/reward_accuracy", "eval_reward_margin": "eval/reward_margin"}
+             "eval_reward_accuracy": "eval/reward_accuracy", "eval_reward_margin": "eval/reward_margin",
+             "eval_accuracy": "eval/accuracy", "eval_reward": "eval/reward"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -46,7 +53,7 @@ class Tracker:
     def __init__(self, job, out_dir: str):
         self.out_dir = out_dir
         self.kinds = list(job.output.tracking)
-        self._mlflow = self._tb = None
+        self._mlflow = self._tb = self._wandb = None
         state_path = os.path.join(out_dir, "tracking.json")
         state = json.load(open(state_path)) if os.path.isfile(state_path) else {}
         if "mlflow" in self.kinds:
@@ -76,6 +83,8 @@ class Tracker:
 
             self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
             state["tensorboard_dir"] = os.path.join(out_dir, "tensorboard")
+        if "wandb" in self.kinds:
+            self._wandb = _start_wandb(job, out_dir, state)
         if self.kinds:
             with open(state_path, "w") as f:
                 json.dump(state, f, indent=2)
@@ -95,6 +104,8 @@ class Tracker:
             if self._tb is not None:
                 for k, v in values.items():
                     self._tb.add_scalar(k, v, step)
+            if self._wandb is not None:
+                self._wandb.log(values, step=step)
         except Exception as exc:  # tracking never takes a run down
             log.warning("metric tracking failed at step %d: %s", step, exc)
 
@@ -114,6 +125,76 @@ class Tracker:
             self._mlflow.set_terminated(self._run_id, status=status)
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._close_wandb(status, final)
+
+    def _close_wandb(self, status: str, final: dict | None) -> None:
+        import wandb
+
+        try:
+            for k, v in (final or {}).items():
+                if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+                    self._wandb.summary[f"final_{k}"] = v
+            curve = os.path.join(self.out_dir, "loss_curve.png")
+            if os.path.isfile(curve):
+                self._wandb.log({"loss_curve": wandb.Image(curve)})
+        except Exception as exc:  # tracking never takes a run down
+            log.warning("W&B: could not log the final metrics: %s", exc)
+        self._wandb.finish(exit_code=0 if status == "FINISHED" else 1)
+
+
+def wandb_mode(job) -> str:
+    """online | offline: output.wandb.mode, else $WANDB_MODE, else online."""
+    return job.output.wandb.mode or os.environ.get("WANDB_MODE") or "online"
+
+
+def check(job) -> None:
+    """Driver-side, before Ray: the trackers asked for are installed, and an online W&B run
+    has an API key (W&B would otherwise fail or prompt when the run starts)."""
+    import importlib.util
+
+    from raylib.errors import ConfigError
+
+    modules = {"mlflow": "mlflow", "tensorboard": "tensorboardX", "wandb": "wandb"}
+    for kind in job.output.tracking:
+        if importlib.util.find_spec(modules[kind]) is None:
+            raise ConfigError("output.tracking", f"{kind} is not installed here", "pip install 'raylib[tracking]'")
+    if "wandb" not in job.output.tracking:
+        if any(v is not None for v in job.output.wandb.model_dump().values()):
+            raise ConfigError("output.wandb", "is set, but output.tracking does not list wandb",
+                              "add wandb to output.tracking, or remove output.wandb")
+        return
+    mode = wandb_mode(job)
+    if mode not in ("online", "offline", "disabled"):
+        raise ConfigError("output.wandb.mode", f"$WANDB_MODE is {mode!r}", "use online, offline or disabled")
+    if mode == "online" and not os.environ.get("WANDB_API_KEY") and not _netrc_has_wandb():
+        raise ConfigError("output.wandb.mode", "W&B runs online, but no API key is set (WANDB_API_KEY or `wandb login`)",
+                          "export WANDB_API_KEY=..., or set output.wandb.mode: offline (upload later with wandb sync)")
+
+
+def _netrc_has_wandb() -> bool:
+    import netrc
+
+    try:
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return any("wandb" in h for h in hosts)
+
+
+def _start_wandb(job, out_dir: str, state: dict):
+    """One W&B run for the raylib run (the same one again on --resume, by the id in
+    tracking.json). console off and silent: the driver's stdout/stderr stay raylib's."""
+    import wandb
+
+    run_id = state.get("wandb_run_id")  # None: W&B names a new run
+    run = wandb.init(
+        project=job.output.wandb.project or job.output.experiment or "raylib", entity=job.output.wandb.entity,
+        name=job.run_name, id=run_id, resume="allow" if run_id else None, dir=out_dir, config=job.to_dict(),
+        mode=wandb_mode(job), settings=wandb.Settings(silent=True, console="off"),
+    )
+    state.update(wandb_run_id=run.id, wandb_dir=os.path.join(out_dir, "wandb"))
+    return run
 
 
 def read_events(run_dir: str, checkpoint_dir: str | None = None) -> list[dict]:
