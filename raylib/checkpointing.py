@@ -138,9 +138,12 @@ def _report_deepspeed_checkpoint(session, job, method, model, tokenizer, schedul
 
 def expert_info(job, metrics, state) -> ExpertInfo:
     """expert.json of a checkpoint: what trained it, on what, and its numeric metrics."""
+    from raylib.models import family
+
     return ExpertInfo(
         method=job.method.name,
         base_model=job.model.path,
+        family=family(job.model),
         domain=job.output.domain,
         template=job.data.template,
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None},

@@ -107,10 +107,17 @@ def validate(job_yaml: str, overrides: tuple[str, ...]) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--instruct", is_flag=True, help="the 4-layer base pretrained partly in the alpaca template "
               "(what SVF experts sharpen; about 6.5 minutes on 2 cores)")
-def tiny(out_dir: str, seed: int, instruct: bool) -> None:
+@click.option("--family", default=None, help="instead: a tiny random-weight model of this architecture "
+              "(llama, gpt2, ..., bert, roberta, deberta_v2, t5, bart), from transformers' config class")
+def tiny(out_dir: str, seed: int, instruct: bool, family: str | None) -> None:
     """Build a tiny Llama-style model + tokenizer at OUT_DIR (no hub needed)."""
-    from raylib.tiny_models import build_instruct_tiny, build_tiny
+    from raylib.tiny_models import ALL_FAMILIES, build_family, build_instruct_tiny, build_tiny
 
+    if family is not None:
+        if family not in ALL_FAMILIES:
+            raise click.BadParameter(f"{family!r}; choose one of {', '.join(ALL_FAMILIES)}", param_hint="--family")
+        click.echo(f"tiny {family} model at {build_family(family, out_dir, seed=seed)}")
+        return
     click.echo(f"tiny model at {(build_instruct_tiny if instruct else build_tiny)(out_dir, seed=seed)}")
 
 

@@ -28,7 +28,10 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    path: str = Field(description="local directory or hub id of a causal LM (from_pretrained)")
+    path: str = Field(description="local directory or hub id of the base model (from_pretrained)")
+    family: Literal["auto", "causal", "seq2seq", "encoder"] = Field(
+        "auto", description="decoder LM, encoder-decoder (T5, BART) or encoder (BERT, RoBERTa, DeBERTa); "
+        "auto: from the model's config")
     tokenizer: str | None = Field(None, description="defaults to model.path")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     quantization: Literal["nf4", "fp4", "int8"] | None = None
@@ -140,12 +143,21 @@ class TrainConfig(_Strict):
     early_stopping: EarlyStoppingConfig | None = Field(None, description="stop when an eval metric stops improving")
 
 
+class WandbConfig(_Strict):
+    """Weights & Biases, when output.tracking lists wandb (raylib/tracking.py)."""
+
+    project: str | None = Field(None, description="default: output.experiment, else 'raylib'")
+    entity: str | None = None
+    mode: Literal["online", "offline"] | None = Field(None, description="default: $WANDB_MODE, else online")
+
+
 class OutputConfig(_Strict):
     dir: str = Field(description="run directory: final expert at its root, checkpoints/ inside")
     experiment: str | None = None
     domain: str | None = Field(None, description="domain label written to expert.json")
-    tracking: list[Literal["mlflow", "tensorboard"]] = Field(
-        default_factory=list, description="metric trackers: mlflow (file store under dir/mlruns) and/or tensorboard")
+    tracking: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
+        default_factory=list, description="metric trackers: mlflow (file store under dir/mlruns), tensorboard, wandb")
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else dir/mlruns")
     publish: Literal["last", "best"] = Field("last", description="the expert published at dir: the last checkpoint's, "
                                              "or the best by output.best (default: the early-stopping metric, else eval_loss)")

@@ -47,13 +47,14 @@ def resolve_target(target: str, overrides: list[str]) -> tuple[str, dict]:
 def _score_shard(expert_dir: str, job: dict, rows: list[dict], max_new_tokens: int, batch_size: int) -> dict:
     """One Ray task: load once, teacher-forced sums + greedy generations for `rows`."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from raylib import data as data_mod
     from raylib import evaluation, models
     from raylib.config import DataConfig, ModelConfig
     from raylib.experts import read_expert
     from raylib.methods import get_method
+    from raylib.objectives import seq2seq as seq2seq_objective
     from raylib.objectives import sft
 
     torch.set_num_threads(1)
@@ -62,17 +63,24 @@ def _score_shard(expert_dir: str, job: dict, rows: list[dict], max_new_tokens: i
     if info.method == "full":  # the expert is the whole model
         model_cfg.path = expert_dir
     tokenizer = models.load_tokenizer(model_cfg)
+    seq2seq = models.family(model_cfg) == "seq2seq"
     if info.method == "full":
-        model = AutoModelForCausalLM.from_pretrained(expert_dir, dtype="float32")
+        auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+        model = auto.from_pretrained(expert_dir, dtype="float32")
     else:
         model = get_method(info.method).load(models.load_model(model_cfg, "cpu", inference=True), expert_dir)
     model.eval()
     data_fields = {k: v for k, v in job.get("data", {}).items() if k in DataConfig.model_fields}
     data_cfg = DataConfig.model_validate({**data_fields, "train": "-", "packing": False, "too_long": "truncate"})
-    examples = data_mod.tokenize_rows(rows, tokenizer, data_cfg)
-    sequences = data_mod.to_sequences(examples, data_cfg, None, 0)
-    collator = data_mod.Collator(tokenizer.pad_token_id, packed=False)
-    tf = sft.evaluate(model, sequences, collator, batch_size, 0, 1, "cpu", lambda t: t)
+    if seq2seq:  # the encoder reads the prompt, the decoder is scored on the answer
+        tf = seq2seq_objective.evaluate(model, seq2seq_objective.sequences(rows, tokenizer, data_cfg),
+                                        seq2seq_objective.Collator(tokenizer.pad_token_id), batch_size, 0, 1, "cpu",
+                                        lambda t: t)
+    else:
+        examples = data_mod.tokenize_rows(rows, tokenizer, data_cfg)
+        sequences = data_mod.to_sequences(examples, data_cfg, None, 0)
+        collator = data_mod.Collator(tokenizer.pad_token_id, packed=False)
+        tf = sft.evaluate(model, sequences, collator, batch_size, 0, 1, "cpu", lambda t: t)
     f = data_cfg.fields
     prompt_rows = [{"instruction": r[f.instruction], "input": r.get(f.input) or ""} for r in rows]
     preds = evaluation.generate(model, tokenizer, evaluation.prompts_for(prompt_rows, data_cfg.template, tokenizer),

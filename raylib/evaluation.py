@@ -55,7 +55,9 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16,
                     num_return_sequences=num_return_sequences, pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id, use_cache=True,
                 )
-                width = enc["input_ids"].shape[1]
+                # a decoder-only model's output starts with the prompt; an encoder-decoder's with
+                # the decoder's start token
+                width = 1 if getattr(model.config, "is_encoder_decoder", False) else enc["input_ids"].shape[1]
                 for j, seq in enumerate(out):
                     comp = seq[width:].tolist()
                     if tokenizer.eos_token_id in comp:

@@ -28,6 +28,7 @@ class ExpertInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     step: int | None = None
+    family: str = "causal"  # the base model's family: causal | seq2seq | encoder (models.family)
     created_at: float = field(default_factory=time.time)
     raylib_version: str = raylib.__version__
     format: str = FORMAT

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from raylib import data as data_mod
-from raylib import models, noise, objectives, storage
+from raylib import models, noise, objectives, storage, tracking
 from raylib.config import JobConfig
 from raylib.errors import ConfigError, TrainingFailed
 from raylib.experts import EXPERT_FILE
@@ -86,6 +86,7 @@ def preflight(job: JobConfig, resume: bool = False, probe: bool = True) -> data_
         storage.probe(loc)
     models.preflight(job)
     check_architecture(job)
+    tracking.check(job)
     report = objectives.preflight(job, models.preflight_tokenizer(job))
     if has_run(out) and not resume:
         raise ConfigError(
@@ -105,12 +106,46 @@ def check_architecture(job: JobConfig) -> None:
     from raylib.methods import get_method
     from raylib.methods import layout as layout_mod
 
+    check_family(job)
     layout = layout_mod.from_job(job)
     if layout is None:
         return
     method = get_method(job.method.name)
     layout_mod.check_positions(job, layout, method.added_positions(job))
     method.check_model(job, layout)
+
+
+def check_family(job: JobConfig) -> None:
+    """What each model family trains here: decoder LMs everything; encoders (BERT, RoBERTa,
+    DeBERTa) sequence classification (`objective: classification` with `labels`);
+    encoder-decoders (T5, BART) SFT from instruction/input to output. And the methods that
+    run on the family (`Method.families`). ConfigError naming the field otherwise."""
+    from raylib.methods import METHODS, get_method
+
+    fam = models.family(job.model)
+    method = get_method(job.method.name)
+    if fam not in method.families:
+        others = [m.name for m in METHODS.values() if fam in m.families]
+        raise ConfigError("method.name", f"{job.method.name!r} does not train {fam} models here: {method.families_reason}",
+                          f"use one of {', '.join(others)}")
+    objective = job.objective.name
+    if fam == "encoder" and not (objective == "classification" and getattr(job.objective, "labels", None)):
+        raise ConfigError("objective.name", f"{job.model.path!r} is an encoder ({fam}); encoders train sequence "
+                          f"classification here, not {objective}",
+                          "set objective: {name: classification, labels: [<class>, ...]} with text/label rows")
+    if fam == "seq2seq":
+        if objective != "sft":
+            raise ConfigError("objective.name", f"{job.model.path!r} is an encoder-decoder; it trains sft here, "
+                              f"not {objective}", "set objective.name: sft, or use a decoder-only model")
+        if job.data.template != "alpaca":
+            raise ConfigError("data.template", f"an encoder-decoder maps instruction/input to output (template "
+                              f"alpaca); {job.data.template!r} rows have no such pair", "set data.template: alpaca")
+        if job.data.packing and "packing" in job.data.model_fields_set:
+            raise ConfigError("data.packing", "an encoder-decoder trains one example per row (no packing)",
+                              "remove data.packing")
+        if job.objective.loss:
+            raise ConfigError("objective.loss", "custom losses get decoder-only model outputs; an encoder-decoder's "
+                              "is not wired to them", "remove objective.loss")
 
 
 # --------------------------------------------------------------------------- Ray
@@ -217,7 +252,7 @@ def _upload_run_files(loc: storage.Location, staging: str) -> None:
     TensorBoard files) next to the expert. Local runs wrote them in place."""
     if not loc.is_remote:
         return
-    for name in ("metrics.jsonl", "loss_curve.png", "tracking.json", "mlruns", "tensorboard"):
+    for name in ("metrics.jsonl", "loss_curve.png", "tracking.json", "mlruns", "tensorboard", "wandb"):
         path = os.path.join(staging, name)
         try:
             if os.path.isfile(path):

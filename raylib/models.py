@@ -8,6 +8,7 @@ The tiny models tests and the demo build themselves (no hub) are in `raylib.tiny
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 
@@ -68,10 +69,51 @@ def tokenizer_at(path: str, revision: str | None = None, trust_remote_code: bool
     return tok
 
 
-def load_model(model_cfg, device=None, trains_weights: bool = False, inference: bool = False, head: str | None = None):
-    """The base causal LM. Quantized models are placed on `device` at load (bitsandbytes).
+# --------------------------------------------------------------------------- model families
+
+FAMILIES = ("causal", "seq2seq", "encoder")
+
+
+def family(model_cfg) -> str:
+    """causal | seq2seq | encoder: `model.family`, or (auto) what the checkpoint's config says."""
+    if model_cfg.family != "auto":
+        return model_cfg.family
+    try:
+        return _detected_family(model_cfg.path, model_cfg.revision, model_cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - unreadable config: models.preflight / layout.read_config say why
+        return "causal"
+
+
+@functools.lru_cache(maxsize=32)
+def _detected_family(path: str, revision: str | None, trust_remote_code: bool) -> str:
+    from transformers import AutoConfig
+
+    return family_of_config(AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code))
+
+
+def family_of_config(config) -> str:
+    """Encoder-decoders (T5, BART, ...) are seq2seq. Model types transformers has a masked-LM
+    class for (BERT, RoBERTa, DeBERTa, ...) are encoders, unless the checkpoint was saved as a
+    decoder (`is_decoder`, or a ...ForCausalLM / ...LMHeadModel architecture). Everything else
+    is a causal LM."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    saved_as_decoder = getattr(config, "is_decoder", False) or any(
+        a.endswith(("ForCausalLM", "LMHeadModel")) for a in (getattr(config, "architectures", None) or []))
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not saved_as_decoder:
+        return "encoder"
+    return "causal"
+
+
+def load_model(model_cfg, device=None, trains_weights: bool = False, inference: bool = False, head=None):
+    """The base model: a causal LM, or the encoder-decoder's seq2seq LM (`family`).
+    Quantized models are placed on `device` at load (bitsandbytes).
     `head="reward"`: the same backbone under transformers' sequence-classification class with
     one output (a reward model's scalar score head, freshly initialised from the seed).
+    `head=[class names]`: a sequence classifier over those classes (encoders, or any backbone
+    trained by `objective: classification` with `objective.labels`): label names in its config.
     `trains_weights`: the method updates the base weights themselves (see resolve_dtype).
     `inference`: the model only serves or scores (no training step will run on it), so
     4-bit layers may take bitsandbytes' packed inference kernel (see use_4bit_cpu_kernels)."""
@@ -96,6 +138,12 @@ def load_model(model_cfg, device=None, trains_weights: bool = False, inference: 
     try:
         if head == "reward":
             model = load_reward_model(model_cfg.path, **kwargs)
+        elif head is not None:
+            model = load_classifier(model_cfg.path, list(head), **kwargs)
+        elif family(model_cfg) == "seq2seq":
+            from transformers import AutoModelForSeq2SeqLM
+
+            model = AutoModelForSeq2SeqLM.from_pretrained(model_cfg.path, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(model_cfg.path, **kwargs)
     except (OSError, SafetensorError) as exc:  # a weights file missing or cut off (an interrupted copy)
@@ -120,6 +168,22 @@ def load_reward_model(path: str, device=None, **kwargs):
     with _transformers_errors_only():
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
     return model.to(device) if device is not None and "device_map" not in kwargs else model
+
+
+def load_classifier(path: str, labels: list[str], **kwargs):
+    """transformers' sequence-classification class over `labels` (a new classifier head on a
+    pretrained backbone, or a saved classifier whole), with the label names in its config."""
+    from transformers import AutoModelForSequenceClassification
+
+    with _transformers_errors_only():  # the head is new: expected, listed at warning level
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)}, output_loading_info=True, **kwargs)
+    # modules initialised here, not read from the checkpoint (the classifier; BERT's and
+    # DeBERTa's pooler under a masked-LM checkpoint): an adapter must save them too, or the
+    # published expert would load with other random weights (PeftMethod.apply)
+    model.raylib_new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])})
+    return model
 
 
 @contextlib.contextmanager

@@ -90,7 +90,7 @@ class Cadence:
 #: eval metrics kept per eval in the run's history (train_state, run.json), and (but "step") as
 #: `<name>_before` from the eval before the first step
 HISTORY_KEYS = ("step", "eval_loss", "eval_token_accuracy", "eval_reward_accuracy", "eval_reward_margin",
-                "eval_reward", "reward")
+                "eval_reward", "reward", "eval_accuracy", "eval_macro_f1")
 
 
 class Steps(Protocol):

@@ -56,17 +56,43 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                                    "tie_word_embeddings": False}),
 }
 
+#: encoders (model.family: encoder): 2 layers of 64, trained as sequence classifiers
+ENCODER_FAMILIES: dict[str, tuple[str, dict]] = {
+    "bert": ("BertConfig", {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2}),
+    "roberta": ("RobertaConfig", {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2}),
+    "deberta_v2": ("DebertaV2Config", {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+                                       "relative_attention": True, "pos_att_type": ["p2c", "c2p"],
+                                       "max_relative_positions": 64}),
+}
+
+#: encoder-decoders (model.family: seq2seq): 2 encoder and 2 decoder layers of 64
+SEQ2SEQ_FAMILIES: dict[str, tuple[str, dict]] = {
+    "t5": ("T5Config", {"d_model": 64, "d_ff": 128, "d_kv": 32, "num_heads": 2, "num_layers": 2,
+                        "num_decoder_layers": 2, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}),
+    "bart": ("BartConfig", {"d_model": 64, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "encoder_layers": 2,
+                            "decoder_layers": 2, "encoder_attention_heads": 2, "decoder_attention_heads": 2,
+                            "max_position_embeddings": 512}),
+}
+
+ALL_FAMILIES = {**FAMILIES, **ENCODER_FAMILIES, **SEQ2SEQ_FAMILIES}
+
 
 def tiny_config(family: str, tokenizer):
     """The family's real config class at tiny sizes, with the tokenizer's vocab and specials."""
     import transformers
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    cls_name, kwargs = FAMILIES[family]
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(ALL_FAMILIES)}")
+    cls_name, kwargs = ALL_FAMILIES[family]
     specials = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                 "pad_token_id": tokenizer.pad_token_id}
-    layers = {} if family == "gpt2" else {"num_hidden_layers": 2, "max_position_embeddings": 512}
+    if family in SEQ2SEQ_FAMILIES:  # the decoder starts from the pad token (T5) / eos (BART), as released
+        specials["decoder_start_token_id"] = tokenizer.pad_token_id if family == "t5" else tokenizer.eos_token_id
+        layers = {}
+    elif family == "gpt2":
+        layers = {}
+    else:
+        layers = {"num_hidden_layers": 2, "max_position_embeddings": 512}
     return getattr(transformers, cls_name)(vocab_size=len(tokenizer), **layers, **kwargs, **specials)
 
 
@@ -76,7 +102,7 @@ def build_family(family: str, out_dir: str, seed: int = 0, overwrite: bool = Fal
     concurrent processes (a file lock; the others wait and reuse)."""
     from filelock import FileLock
 
-    settings = {"family": family, "seed": seed, "recipe": RECIPE, "config": FAMILIES[family][1]}
+    settings = {"family": family, "seed": seed, "recipe": RECIPE, "config": ALL_FAMILIES[family][1]}
     marker = os.path.join(out_dir, "raylib_tiny.json")
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     with FileLock(os.path.abspath(out_dir) + ".lock"):
@@ -91,7 +117,7 @@ def _build(family: str, out_dir: str, seed: int, settings: dict, marker: str) ->
     import shutil
 
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
     from raylib.noise import quiet_libraries
     from raylib.synthetic import tokenizer_corpus
@@ -100,7 +126,11 @@ def _build(family: str, out_dir: str, seed: int, settings: dict, marker: str) ->
     cfg = tiny_config(family, tok)
     quiet_libraries("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
+    # saved as released checkpoints are: encoders with their masked-LM head (a classifier
+    # head is new when a job loads it), encoder-decoders with their LM head
+    auto = (AutoModelForMaskedLM if family in ENCODER_FAMILIES else
+            AutoModelForSeq2SeqLM if family in SEQ2SEQ_FAMILIES else AutoModelForCausalLM)
+    model = auto.from_config(cfg)
     if os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)

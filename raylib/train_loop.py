@@ -151,8 +151,12 @@ class BatchSteps:
         model.train()
         for batch in self._batches:
             n_tokens = batch.pop("num_tokens")
+            n_padded = batch.pop("num_padded", None)  # encoder-decoders: both sides
             n_labels = (batch["labels"] != -100).sum()
-            self._padded += batch["input_ids"].numel() if "input_ids" in batch else int(n_tokens)  # cached features
+            if n_padded is not None:
+                self._padded += int(n_padded)
+            else:
+                self._padded += batch["input_ids"].numel() if "input_ids" in batch else int(n_tokens)  # cached features
             self._real += int(n_tokens)
             with accelerator.accumulate(model):
                 loss = self.objective.loss(model, batch)

@@ -241,6 +241,10 @@ def _check_paths(cfg: ServeConfig) -> None:
         if (info.config.get("objective") or {}).get("name") == "reward":
             raise ConfigError(f"experts.{name}.path", "a reward model scores answers, it does not generate them",
                               "use it as an RL reward (objective.reward: model:<dir>), and serve generative experts")
+        if info.family != "causal" or (info.config.get("objective") or {}).get("labels"):
+            kind = "an encoder-decoder" if info.family == "seq2seq" else "a sequence classifier"
+            raise ConfigError(f"experts.{name}.path", f"{kind} ({info.family} model) is not served here: the engines "
+                              "decode causal language models", "serve experts trained on a decoder-only base model")
         if info.method not in _servable():
             raise ConfigError(f"experts.{name}.path", f"method {info.method!r} cannot be served as a text generator",
                               f"serve experts of {sorted(_servable())}")

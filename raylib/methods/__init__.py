@@ -58,6 +58,10 @@ class Method(ABC):
     #: the method trains the base model's own weights (full fine-tuning): model.dtype `auto`
     #: then loads them in fp32, and bf16 is autocast only (models.resolve_dtype)
     trains_base_weights: ClassVar[bool] = False
+    #: model families (models.family) the method trains: "causal", "seq2seq", "encoder"
+    families: ClassVar[tuple[str, ...]] = ("causal",)
+    #: why it trains no others (the ConfigError's text for the rest)
+    families_reason: ClassVar[str] = "it is built and tested on decoder-only language models"
 
     def check(self, job: "JobConfig") -> None:
         """Driver-side validation beyond the schema. Raise ConfigError."""

@@ -18,6 +18,7 @@ class FullFineTuning(Method):
     Options = FullOptions
     trains_base_weights = True
     vllm_servable = True
+    families = ("causal", "seq2seq", "encoder")
 
     def check(self, job) -> None:
         from raylib.errors import ConfigError
@@ -55,9 +56,6 @@ class FullFineTuning(Method):
             )
 
     def load(self, base_model, src_dir: str):
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-        # a reward model (objective reward) was saved with its score head: load it as one
-        auto = (AutoModelForSequenceClassification if type(base_model).__name__.endswith("ForSequenceClassification")
-                else AutoModelForCausalLM)
-        return auto.from_pretrained(src_dir, dtype=base_model.dtype)
+        # the base's own class: a causal or seq2seq LM, or a sequence classifier (reward
+        # models, encoders) saved with its head
+        return type(base_model).from_pretrained(src_dir, dtype=base_model.dtype)

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("raylib")
 
-#: a module inside decoder layer N: model.layers.N. / transformer.h.N. / gpt_neox.layers.N. / ...
-DECODER_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+#: a module inside (decoder) layer N: model.layers.N. / transformer.h.N. / gpt_neox.layers.N. /
+#: encoder.layer.N. (BERT) / encoder.block.N. (T5) / ...
+DECODER_LAYER = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
 #: blocks that are a layer's MLP (feed-forward network)
 _MLP_BLOCK = re.compile(r"(?:^|\.)(mlp|feed_forward|ffn|block_sparse_moe)(?:\.|$)")
 
@@ -102,12 +103,17 @@ def of_model(model) -> Layout:
 
 
 def meta_model(config, trust_remote_code: bool = False):
-    """The model of `config` on the meta device (no weights read or allocated)."""
+    """The model of `config` on the meta device (no weights read or allocated): the causal LM,
+    the encoder-decoder's seq2seq LM, or the encoder's masked-LM model (models.family_of_config)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
+    from raylib.models import family_of_config
+
+    auto = {"seq2seq": AutoModelForSeq2SeqLM, "encoder": AutoModelForMaskedLM}.get(family_of_config(config),
+                                                                                  AutoModelForCausalLM)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return auto.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def read_config(job):

@@ -119,8 +119,15 @@ class PeftMethod(Method):
     task_type = "CAUSAL_LM"
 
     def task_type_for(self, job) -> str:
-        """SEQ_CLS for a reward model (PEFT then also trains and saves its `score` head)."""
-        return "SEQ_CLS" if job.objective.name == "reward" else self.task_type
+        """SEQ_CLS for a reward model or a sequence classifier (PEFT then also trains and saves
+        its `score`/`classifier` head), SEQ_2_SEQ_LM for an encoder-decoder's SFT."""
+        from raylib import models
+
+        if job.objective.name == "reward" or getattr(job.objective, "labels", None):
+            return "SEQ_CLS"
+        if models.family(job.model) == "seq2seq":
+            return "SEQ_2_SEQ_LM"
+        return self.task_type
 
     @abstractmethod
     def peft_config(self, job, model=None):
@@ -141,7 +148,16 @@ class PeftMethod(Method):
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=job.train.gradient_checkpointing
             )
-        return get_peft_model(model, self.peft_config(job, model=model))
+        config = self.peft_config(job, model=model)
+        new = getattr(model, "raylib_new_modules", None)  # a classifier's freshly initialised modules
+        if new and not isinstance(self, _PromptLearning):
+            # PEFT saves `classifier`/`score` itself under SEQ_CLS: add only what lies outside those
+            # (BERT's pooler), never a part of a module already saved whole (RoBERTa's classifier.dense)
+            saved = set(config.modules_to_save or []) | {"classifier", "score"}
+            extra = [n for n in new if not any(n == m or n.startswith(m + ".") for m in saved)]
+            if extra:
+                config.modules_to_save = sorted(set(config.modules_to_save or []) | set(extra))
+        return get_peft_model(model, config)
 
     def save(self, model, out_dir: str) -> None:
         model.save_pretrained(out_dir, safe_serialization=True)
@@ -171,6 +187,7 @@ class LoRA(PeftMethod):
     Options = LoraOptions
     serve_sharing = "adapter"
     vllm_servable = True
+    families = ("causal", "seq2seq", "encoder")
 
     def peft_config(self, job, model=None):
         from peft import LoraConfig
@@ -201,6 +218,8 @@ class QLoRA(LoRA):
     Options = QLoraOptions
     quantization = "nf4"
     default_optimizer = "paged_adamw_8bit"
+    families = ("causal",)
+    families_reason = "its 4-bit base path is built and tested on decoder-only language models; use lora"
 
     def check(self, job) -> None:
         from raylib.errors import ConfigError
@@ -229,6 +248,9 @@ class AdaLoRA(PeftMethod):
     regulariser in the loss: `AdaLoraModel.forward` adds `orth_reg_weight x ||PᵀP - I||`
     to `outputs.loss` when the forward gets labels (peft 0.21), which our SFT loss does.
     """
+
+    families = ("causal", "encoder")
+    families_reason = "raylib runs AdaLoRA on decoder-only LMs and encoder classifiers; use lora"
 
     name = "adalora"
     Options = AdaLoraOptions
@@ -493,6 +515,8 @@ class IA3(PeftMethod):
 
     name = "ia3"
     Options = IA3Options
+    families = ("causal", "encoder")
+    families_reason = "raylib runs IA3 on decoder-only LMs and encoder classifiers; use lora"
 
     def peft_config(self, job, model=None):
         from peft import IA3Config

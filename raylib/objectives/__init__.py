@@ -138,8 +138,16 @@ def loop_objective(job):
         return PreferenceObjective(job)
     if name == "classification":
         from raylib.objectives import classification as base
+
+        if job.objective.labels:  # transformers' ...ForSequenceClassification over the labels
+            base = base.SequenceClassification(job)
     else:
-        from raylib.objectives import sft as base
+        from raylib import models
+
+        if models.family(job.model) == "seq2seq":
+            from raylib.objectives import seq2seq as base
+        else:
+            from raylib.objectives import sft as base
     return CustomLoss(base, job.objective.loss) if job.objective.loss else base
 
 
@@ -150,7 +158,7 @@ def eval_metrics(job) -> list[str]:
     if name == "sft":
         return ["eval_loss", "eval_token_accuracy"]
     if name == "classification":
-        per_task = [f"eval_{t}_{m}" for t in getattr(job.method, "tasks", {}) for m in ("accuracy", "macro_f1")]
+        per_task = [f"eval_{t}_{m}" for t in getattr(job.method, "tasks", None) or {} for m in ("accuracy", "macro_f1")]
         return ["eval_loss", "eval_accuracy", "eval_macro_f1", *per_task]
     if name in PREFERENCE_OBJECTIVES:
         return ["eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_chosen_reward", "eval_rejected_reward"]
@@ -184,9 +192,14 @@ def check_objective(job) -> None:
     if getattr(job.objective, "loss", None):
         load_loss(job.objective.loss)
 
-    if job.objective.name == "classification" and job.method.name != "heads":
-        raise ConfigError("method.name", f"objective classification trains classification heads; {job.method.name!r} has none",
-                          "set method.name: heads (with method.tasks), or objective.name: sft")
+    if job.objective.name == "classification":
+        if job.method.name == "heads" and job.objective.labels:
+            raise ConfigError("objective.labels", "method heads lists each task's classes in method.tasks",
+                              "remove objective.labels")
+        if job.method.name != "heads" and not job.objective.labels:
+            raise ConfigError("objective.labels", f"a sequence classifier trained by {job.method.name!r} needs its "
+                              "classes", "list them: objective.labels: [negative, positive] (or use method.name: "
+                              "heads with method.tasks)")
     if job.objective.name in PREFERENCE_OBJECTIVES:
         from raylib.objectives import preference
 

@@ -1,4 +1,9 @@
-"""Classification objective (`objective.name: classification`, with `method.name: heads`).
+"""Classification objective (`objective.name: classification`).
+
+Two kinds of model: `method.name: heads` (a frozen causal-LM backbone with one head per task,
+`method.tasks`), or, with `objective.labels`, transformers' `...ForSequenceClassification`
+over those classes (`SequenceClassification`: encoders such as BERT/RoBERTa/DeBERTa, or any
+backbone; trained by full, LoRA and the other methods for the model's family; one task).
 
 Rows carry a text, a task name and a label: `{"text": "...", "task": "domain", "label":
 "strings"}` (columns renamed with data.fields.text/task/label; without a text column the text
@@ -28,6 +33,19 @@ class ClassificationOptions(BaseModel):
     name: Literal["classification"] = "classification"
     loss: str | None = Field(None, description="package.module:function — fn(model_output, batch) -> loss "
                              "(raylib.objectives.CustomLoss)")
+    labels: list[str] | None = Field(None, min_length=2, description="the classes of a sequence classifier "
+                                     "(not with method heads, which lists them in method.tasks)")
+
+
+#: the one task of a sequence classifier (objective.labels)
+SINGLE_TASK = "label"
+
+
+def tasks_of(job) -> dict[str, list[str]]:
+    """Task name -> classes: method.tasks (heads), or the one task of objective.labels."""
+    if job.objective.labels:
+        return {SINGLE_TASK: list(job.objective.labels)}
+    return job.method.tasks
 
 
 # --------------------------------------------------------------------------- rows
@@ -44,13 +62,13 @@ def _text(row: dict, f) -> str | None:
 
 def encode_rows(rows, job, report=None) -> list[dict]:
     """Rows -> {"text", "task_ids", "labels"}; bad rows counted in `report` (or raised)."""
-    f, tasks = job.data.fields, job.method.tasks
+    f, tasks = job.data.fields, tasks_of(job)
     names = list(tasks)
     out = []
     for row in rows:
         if report is not None:
             report.rows += 1
-        problem, item = _encode(dict(row), f, tasks, names)
+        problem, item = _encode(dict(row), f, tasks, names, one_task=bool(job.objective.labels))
         if problem:
             if report is not None:
                 report.bad[problem] += 1
@@ -59,11 +77,11 @@ def encode_rows(rows, job, report=None) -> list[dict]:
     return out
 
 
-def _encode(row, f, tasks, names):
+def _encode(row, f, tasks, names, one_task: bool = False):
     text = _text(row, f)
     if text is None:
         return f"no text (column '{f.text}', or '{f.instruction}'/'{f.input}')", None
-    task = row.get(f.task)
+    task = names[0] if one_task else row.get(f.task)  # a sequence classifier has one task: no task column
     if task is None:
         if len(names) != 1:
             return f"missing '{f.task}'", None
@@ -83,7 +101,7 @@ def _encode(row, f, tasks, names):
     elif label in labels:
         index = labels.index(label)
     else:
-        return f"label not in method.tasks.{task}", None
+        return f"label not in the classes of task {task!r}", None
     return None, {"text": text, "task_ids": names.index(task), "labels": index}
 
 
@@ -100,10 +118,11 @@ def preflight(job):
             f"{job.data.train!r} has no '{missing[0]}' column (columns: {', '.join(ds.column_names)})",
             "add a label per row, or point data.fields.label at the column that holds it",
         )
-    if len(job.method.tasks) > 1 and job.data.fields.task not in ds.column_names:
+    tasks = tasks_of(job)
+    if len(tasks) > 1 and job.data.fields.task not in ds.column_names:
         raise DataError(
             "data.fields.task",
-            f"method.tasks has {len(job.method.tasks)} tasks but {job.data.train!r} has no '{job.data.fields.task}' column",
+            f"method.tasks has {len(tasks)} tasks but {job.data.train!r} has no '{job.data.fields.task}' column",
             "add the task name per row, or point data.fields.task at the column that holds it",
         )
     limit = job.data.max_rows
@@ -111,9 +130,10 @@ def preflight(job):
     if not rows:
         reasons = ", ".join(f"{n}x {why}" for why, n in report.bad.most_common(3)) or "no rows"
         raise DataError("data.train", f"{job.data.train!r} has no usable classification rows ({reasons})",
-                        "rows need text, task (one of method.tasks) and label (one of that task's labels)")
+                        "rows need text, task (one of method.tasks) and label (one of that task's labels)"
+                        if job.method.name == "heads" else "rows need text and label (one of objective.labels)")
     seen = {r["task_ids"] for r in rows}
-    absent = [t for i, t in enumerate(job.method.tasks) if i not in seen]
+    absent = [t for i, t in enumerate(tasks) if i not in seen]
     if absent:
         raise DataError("data.train", f"no rows for tasks {absent}", "add rows for every task in method.tasks, or remove it")
     if job.data.eval:
@@ -144,7 +164,7 @@ def prepare(job, tokenizer, model=None, device=None):
     report.train_examples = report.train_sequences = len(train)
     report.eval_examples = len(evals)
     report.train_tokens = sum(s["num_tokens"] for s in train)
-    if job.method.use_cache() and model is not None:
+    if job.method.name == "heads" and job.method.use_cache() and model is not None:
         train, evals = cache_features(model, train, device), cache_features(model, evals, device)
     return Prepared(train, evals, report)
 
@@ -224,14 +244,22 @@ def evaluate(model, sequences: list[dict], collate, batch_size: int, rank: int, 
     `lockstep` (DeepSpeed ZeRO-3: every forward gathers parameters collectively): all workers
     run the same number of forwards; a worker whose shard ran out repeats one uncounted batch.
     """
+    return evaluate_classes(lambda batch: model(**batch).logits, {n: model.tasks[n] for n in model.task_names}, model,
+                            sequences, collate, batch_size,
+                            rank, world, device, reduce_sum, lockstep, per_task=True)
+
+
+def evaluate_classes(forward, classes: dict[str, list], model, sequences: list[dict], collate, batch_size: int,
+                     rank: int, world: int, device, reduce_sum, lockstep: bool = False, per_task: bool = True):
+    """The metrics of `evaluate`, for any model whose `forward(batch)` gives logits per task
+    name (`classes`: task -> class names, in task-id order)."""
     import math
 
     import torch
     import torch.nn.functional as F
 
-    clf = model
-    tasks = clf.task_names
-    n_max = max(len(v) for v in clf.tasks.values())
+    tasks = list(classes)
+    n_max = max(len(v) for v in classes.values())
     # per task: [loss sum, rows, correct] and per class [tp, fp, fn]
     totals = torch.zeros(len(tasks), 3, dtype=torch.float64, device=device)
     conf = torch.zeros(len(tasks), n_max, 3, dtype=torch.float64, device=device)
@@ -248,13 +276,14 @@ def evaluate(model, sequences: list[dict], collate, batch_size: int, rank: int, 
                 pad = collate((shard or sequences)[:1])
                 pad.pop("num_tokens", None)
                 pad.pop("labels", None)
-                model(**{k: v.to(device) for k, v in pad.items()})
+                forward({k: v.to(device) for k, v in pad.items()})
                 continue
             batch = collate(shard[i : i + batch_size])
             batch.pop("num_tokens", None)
             batch = {k: v.to(device) for k, v in batch.items()}
-            labels, task_ids = batch.pop("labels"), batch["task_ids"]
-            logits = model(**batch).logits
+            labels = batch.pop("labels")
+            task_ids = batch["task_ids"] if "task_ids" in batch else torch.zeros_like(labels)
+            logits = forward(batch)
             for t, name in enumerate(tasks):
                 mask = task_ids == t
                 if not mask.any():
@@ -264,7 +293,7 @@ def evaluate(model, sequences: list[dict], collate, batch_size: int, rank: int, 
                 totals[t, 0] += F.cross_entropy(lg, y, reduction="sum")
                 totals[t, 1] += mask.sum()
                 totals[t, 2] += (pred == y).sum()
-                n = len(clf.tasks[name])
+                n = len(classes[name])
                 for c in range(n):
                     conf[t, c, 0] += ((pred == c) & (y == c)).sum()
                     conf[t, c, 1] += ((pred == c) & (y != c)).sum()
@@ -277,11 +306,12 @@ def evaluate(model, sequences: list[dict], collate, batch_size: int, rank: int, 
         rows = totals[t, 1].item()
         if rows == 0:
             continue
-        n = len(clf.tasks[name])
+        n = len(classes[name])
         tp, fp, fn = conf[t, :n, 0], conf[t, :n, 1], conf[t, :n, 2]
         f1 = (2 * tp / (2 * tp + fp + fn).clamp(min=1)).mean().item()
-        metrics[f"eval_{name}_accuracy"] = totals[t, 2].item() / rows
-        metrics[f"eval_{name}_macro_f1"] = f1
+        if per_task:
+            metrics[f"eval_{name}_accuracy"] = totals[t, 2].item() / rows
+            metrics[f"eval_{name}_macro_f1"] = f1
         f1s.append(f1)
     rows = max(totals[:, 1].sum().item(), 1.0)
     metrics.update({
@@ -291,3 +321,40 @@ def evaluate(model, sequences: list[dict], collate, batch_size: int, rank: int, 
         "eval_rows": int(rows),
     })
     return metrics
+
+
+class SequenceClassification:
+    """`objective: {name: classification, labels: [...]}`: transformers'
+    `AutoModelForSequenceClassification` over the labels (`model_head`: recipe.setup loads it
+    with a new classifier head; PEFT methods train and save that head too, task SEQ_CLS).
+    Rows as for heads, one task: `{"text": ..., "label": <class name or index>}`."""
+
+    def __init__(self, job):
+        self.labels = list(job.objective.labels)
+        self.model_head = self.labels
+
+    def prepare(self, job, tokenizer, model=None, device=None):
+        return prepare(job, tokenizer)
+
+    def collator(self, job, tokenizer):
+        return _WithoutTaskIds(Collator(tokenizer.pad_token_id))
+
+    def loss(self, model, batch):
+        return model(**batch).loss
+
+    def evaluate(self, model, sequences, collate, batch_size, rank, world, device, reduce_sum, lockstep=False):
+        return evaluate_classes(lambda batch: {SINGLE_TASK: model(**batch).logits}, {SINGLE_TASK: self.labels}, model,
+                                sequences, collate, batch_size, rank, world, device, reduce_sum, lockstep,
+                                per_task=False)
+
+
+class _WithoutTaskIds:
+    """The heads collator's batches without task ids (one task; the model takes none)."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, batch):
+        out = self.collate(batch)
+        out.pop("task_ids")
+        return out
