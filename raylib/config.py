@@ -94,25 +94,11 @@ class ScalingConfig(_Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
-class EarlyStoppingConfig(_Strict):
-    """Stop when the eval metric has not improved for `patience` evals (raylib/best.py)."""
+class BestConfig(_Strict):
+    """An eval metric and which way is better: what `output.publish: best` ranks checkpoints by
+    (and, with patience, what early stopping watches; raylib/best.py)."""
 
     metric: str = Field("eval_loss", description="an eval metric of the objective (eval_loss, eval_token_accuracy, ...)")
-    mode: Literal["min", "max"] | None = Field(None, description="default: min for losses, max otherwise")
-    patience: PositiveInt = Field(3, description="evals without improvement before the run stops")
-    min_delta: float = Field(0.0, ge=0, description="an improvement must exceed this")
-
-    @model_validator(mode="after")
-    def _mode(self) -> "EarlyStoppingConfig":
-        if self.mode is None:
-            self.mode = best.default_mode(self.metric)
-        return self
-
-
-class BestConfig(_Strict):
-    """Which checkpoint `output.publish: best` publishes."""
-
-    metric: str = Field("eval_loss", description="an eval metric of the objective")
     mode: Literal["min", "max"] | None = Field(None, description="default: min for losses, max otherwise")
 
     @model_validator(mode="after")
@@ -120,6 +106,13 @@ class BestConfig(_Strict):
         if self.mode is None:
             self.mode = best.default_mode(self.metric)
         return self
+
+
+class EarlyStoppingConfig(BestConfig):
+    """Stop when the eval metric has not improved for `patience` evals."""
+
+    patience: PositiveInt = Field(3, description="evals without improvement before the run stops")
+    min_delta: float = Field(0.0, ge=0, description="an improvement must exceed this")
 
 
 class TrainConfig(_Strict):

@@ -595,14 +595,19 @@ class Prepared:
     report: DataReport
 
 
+def train_and_eval_rows(job, report: DataReport) -> tuple[list[dict], list[dict]]:
+    """The valid training rows (bad ones counted in `report`) and the eval rows: data.eval's,
+    or the held-out `data.eval_split` of the training rows."""
+    rows = valid_rows(load_rows(job.data.train, "data.train"), job.data, report, job.data.max_rows)
+    if job.data.eval:
+        return rows, valid_rows(load_rows(job.data.eval, "data.eval"), job.data, DataReport())
+    return split_rows(rows, job.data.eval_split, job.train.seed)
+
+
 def prepare(job, tokenizer) -> Prepared:
     """The full pipeline, run inside each worker (deterministic, so every rank agrees)."""
     report = DataReport()
-    rows = valid_rows(load_rows(job.data.train, "data.train"), job.data, report, job.data.max_rows)
-    if job.data.eval:
-        eval_rows = valid_rows(load_rows(job.data.eval, "data.eval"), job.data, DataReport())
-    else:
-        rows, eval_rows = split_rows(rows, job.data.eval_split, job.train.seed)
+    rows, eval_rows = train_and_eval_rows(job, report)
     train_ex = tokenize_rows(rows, tokenizer, job.data)
     eval_ex = tokenize_rows(eval_rows, tokenizer, job.data) if eval_rows else []
     train = to_sequences(train_ex, job.data, report, job.train.seed)

@@ -106,6 +106,8 @@ class ProgressPrinter:
             if self.enabled and e.get("eval_loss") is not None:
                 if "eval_reward_accuracy" in e:  # preference objectives
                     detail = f"reward accuracy {e['eval_reward_accuracy']:.3f}, margin {e['eval_reward_margin']:.3f}"
+                elif "eval_accuracy" in e:  # classification
+                    detail = f"accuracy {e['eval_accuracy']:.3f}, macro-F1 {e.get('eval_macro_f1', 0):.3f}"
                 else:
                     detail = f"token accuracy {e.get('eval_token_accuracy', 0):.3f}"
                 self._write(f"step {e['step']}: eval loss {e['eval_loss']:.4f}, {detail}")

@@ -149,7 +149,8 @@ def test_tune_trials_stop_early_and_publish_their_best(tiny_model, demo_data, tm
         tiny_model, demo_data, str(out), train=_never_improves(max_steps=12),
         output={"publish": "best", "best": {"metric": "eval_loss", "mode": "max"}}))
     search = tmp_path / "search.yaml"
-    search.write_text("space: {train.lr: 'grid [3.0e-3, 1.0e-3]'}\nalgorithm: grid\nmax_concurrent: 1\n")
+    search.write_text("space: {train.lr: 'grid [3.0e-3, 1.0e-3]'}\nalgorithm: grid\nmax_concurrent: 1\n"
+                      "scheduler: {name: none}\n")  # both trials run until early stopping ends them
     proc = run_cli("tune", job, "--search", str(search), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trials = sorted((tmp_path / "run-search" / "trials").iterdir())

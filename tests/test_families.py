@@ -229,3 +229,62 @@ def test_the_family_examples_run_as_their_comments_say(tmp_path):
     assert s2s.returncode == 0, s2s.stderr[-3000:]
     metrics = json.loads((tmp_path / "runs" / "seq2seq-lora" / "run.json").read_text())["metrics"]
     assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.5, metrics
+
+
+def test_an_encoder_classifier_on_two_ray_workers_is_not_served(ray_session, family_model, domain_data, tmp_path):
+    """Ray Train, 2 DDP workers: the classifier learns, the published expert says it is an
+    encoder's, and a serve config naming it is refused (the engines decode causal LMs)."""
+    from raylib import launch
+    from raylib.serve.config import validate_serve_config
+
+    out = str(tmp_path / "run")
+    job = _classifier_job(family_model("bert"), domain_data, out, {"name": "lora", "r": 8}, 3e-3, steps=60,
+                          scaling={"num_workers": 2})
+    result = launch.train(job, show_progress=False)
+    m = result.metrics
+    assert m["world_size"] == 2 and m["eval_accuracy"] > m["eval_accuracy_before"] + 0.2, m
+    assert json.load(open(os.path.join(out, "expert.json")))["family"] == "encoder"
+    with pytest.raises(ConfigError) as err:
+        validate_serve_config({"base_model": family_model("bert"), "experts": {"cls": out},
+                               "router": {"strategy": "keywords", "keywords": {"cls": ["+"]}}})
+    assert err.value.field == "experts.cls.path" and "not served" in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, stage", [("bert", 3), ("t5", 2)])
+def test_encoder_and_seq2seq_on_deepspeed_two_workers(ray_session, family_model, domain_data, demo_data, family,
+                                                      stage, tmp_path):
+    """DeepSpeed ZeRO-2/3 over 2 Ray workers. The ZeRO-3 classifier's published adapter (with
+    its gathered classifier and pooler) scores the eval rows with plain transformers + PEFT
+    exactly as the run's eval did."""
+    from raylib import launch
+
+    out = str(tmp_path / "run")
+    sections = {"backend": {"name": "deepspeed", "zero_stage": stage}, "scaling": {"num_workers": 2}}
+    if family == "bert":
+        job = _classifier_job(family_model("bert"), domain_data, out, {"name": "lora", "r": 8}, 3e-3, steps=40,
+                              **sections)
+    else:
+        job = validate_job(job_dict(family_model("t5"), demo_data, out, method={"name": "lora", "r": 8},
+                                    train={"lr": 3e-3, "max_steps": 40, "checkpoint_every": 40}, **sections))
+    m = launch.train(job, show_progress=False).metrics
+    assert m["world_size"] == 2 and m["eval_loss"] < m["eval_loss_before"] - 0.2, m
+    if family != "bert":
+        return
+    assert m["eval_accuracy"] > m["eval_accuracy_before"] + 0.2, m
+    proc = run_python(f"""
+import json, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from peft import PeftModel
+tok = AutoTokenizer.from_pretrained({out!r})
+model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained({family_model("bert")!r},
+                                  num_labels=3), {out!r}).eval()
+rows = [json.loads(line) for line in open({domain_data["eval"]!r})]
+labels = {LABELS!r}
+with torch.no_grad():
+    right = sum(model(**tok(r["text"], return_tensors="pt")).logits.argmax(-1).item() == labels.index(r["label"])
+                for r in rows)
+print(right / len(rows))
+""")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.strip()) == pytest.approx(m["eval_accuracy"], abs=1e-6)

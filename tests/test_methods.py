@@ -297,7 +297,7 @@ ERRORS = [
     ({"method": {"name": "ia3", "layers_to_transform": [0]}}, r"method.layers_to_transform"),
     ({"method": {"name": "ptuning", "encoder_reparameterization_type": "GRU"}}, r"method.encoder_reparameterization_type"),
     ({"method": HEADS}, r"objective.name: method heads trains classification heads"),
-    ({"method": {"name": "lora"}, "objective": {"name": "classification"}}, r"method.name: objective classification"),
+    ({"method": {"name": "lora"}, "objective": {"name": "classification"}}, r"objective.labels: a sequence classifier trained by .lora. needs its classes"),
     ({"method": {**HEADS, "freeze_tasks": ["topic"]}, "objective": {"name": "classification"}}, r"method.freeze_tasks"),
     ({"method": {**HEADS, "freeze_tasks": ["domain", "operation"]}, "objective": {"name": "classification"}},
      r"nothing would train"),

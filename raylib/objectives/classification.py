@@ -101,7 +101,7 @@ def _encode(row, f, tasks, names, one_task: bool = False):
     elif label in labels:
         index = labels.index(label)
     else:
-        return f"label not in the classes of task {task!r}", None
+        return ("label not in objective.labels" if one_task else f"label not in method.tasks.{task}"), None
     return None, {"text": text, "task_ids": names.index(task), "labels": index}
 
 

@@ -41,7 +41,6 @@ import logging
 import math
 import os
 import random
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 

@@ -44,15 +44,11 @@ def sequences(rows: list[dict], tokenizer, data_cfg, report=None) -> list[dict]:
 def prepare(job, tokenizer, model=None, device=None):
     import random
 
-    from raylib.data import DataReport, Prepared, load_rows, split_rows, valid_rows
+    from raylib.data import DataReport, Prepared, train_and_eval_rows
     from raylib.errors import DataError
 
     report = DataReport()
-    rows = valid_rows(load_rows(job.data.train, "data.train"), job.data, report, job.data.max_rows)
-    if job.data.eval:
-        eval_rows = valid_rows(load_rows(job.data.eval, "data.eval"), job.data, DataReport())
-    else:
-        rows, eval_rows = split_rows(rows, job.data.eval_split, job.train.seed)
+    rows, eval_rows = train_and_eval_rows(job, report)
     train = sequences(rows, tokenizer, job.data, report)
     evals = sequences(eval_rows, tokenizer, job.data)
     random.Random(job.train.seed).shuffle(train)
