@@ -118,14 +118,14 @@ class PeftMethod(Method):
 
     task_type = "CAUSAL_LM"
 
-    def task_type_for(self, job) -> str:
+    def task_type_for(self, job, model=None) -> str:
         """SEQ_CLS for a reward model or a sequence classifier (PEFT then also trains and saves
-        its `score`/`classifier` head), SEQ_2_SEQ_LM for an encoder-decoder's SFT."""
-        from raylib import models
-
+        its `score`/`classifier` head), SEQ_2_SEQ_LM for an encoder-decoder's SFT (`model`: the
+        loaded base, whose config says; without it, as the driver validates options, only an
+        explicit model.family does: no model config is read there)."""
         if job.objective.name == "reward" or getattr(job.objective, "labels", None):
             return "SEQ_CLS"
-        if models.family(job.model) == "seq2seq":
+        if job.model.family == "seq2seq" or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             return "SEQ_2_SEQ_LM"
         return self.task_type
 
@@ -194,7 +194,7 @@ class LoRA(PeftMethod):
 
         o = job.method
         return LoraConfig(
-            task_type=self.task_type_for(job),
+            task_type=self.task_type_for(job, model),
             r=o.r,
             lora_alpha=o.alpha,
             lora_dropout=o.dropout,
@@ -260,7 +260,7 @@ class AdaLoRA(PeftMethod):
 
         o = job.method
         return AdaLoraConfig(
-            task_type=self.task_type_for(job),
+            task_type=self.task_type_for(job, model),
             init_r=o.init_r,
             target_r=o.target_r,
             tinit=o.tinit,
@@ -522,7 +522,7 @@ class IA3(PeftMethod):
         from peft import IA3Config
 
         o = job.method
-        kwargs = dict(task_type=self.task_type_for(job), modules_to_save=o.modules_to_save, **o.extra)
+        kwargs = dict(task_type=self.task_type_for(job, model), modules_to_save=o.modules_to_save, **o.extra)
         if o.target_modules is not None:
             kwargs["target_modules"] = o.target_modules
             kwargs["feedforward_modules"] = o.feedforward_modules or []
