@@ -85,6 +85,19 @@ def train(job_yaml: str, overrides: tuple[str, ...], local: bool, resume: bool, 
         return
     from raylib import launch
 
+    if job.provider == "openai":  # the job runs on a fine-tuning API, not on this Ray
+        from raylib.errors import ConfigError
+        from raylib.providers import train_openai
+
+        for flag, given in (("--local", local), ("--resume", resume), ("--address", address)):
+            if given:
+                raise ConfigError(flag, "is about a Ray run; provider openai runs at the fine-tuning API",
+                                  f"drop {flag}")
+        job = launch.resolve_paths(job)
+
+        metrics = train_openai(job, show_progress=not quiet)
+        click.echo(f"fine-tuned model: {metrics['fine_tuned_model']} (expert.json in {job.output.dir})")
+        return
     result = launch.train(job, address=address, local=local, resume=resume, show_progress=not quiet)
     launch.print_summary(result)
 
@@ -98,6 +111,12 @@ def validate(job_yaml: str, overrides: tuple[str, ...]) -> None:
     from raylib.config import load_job
 
     job = launch.resolve_paths(load_job(job_yaml, list(overrides)))
+    if job.provider == "openai":  # the model lives at the provider: check what is sent
+        from raylib.providers import chat_rows
+
+        rows = chat_rows(job, job.data.train, "data.train")
+        click.echo(f"ok: provider openai, {job.provider_options.model or job.model.path}; {len(rows)} training rows")
+        return
     report = launch.preflight(job, resume=launch.has_run(job.output.dir))
     click.echo(f"ok: {job.method.name} on {job.model.path}; data: {report.summary()}")
 
@@ -172,6 +191,26 @@ def _register_commands() -> None:
 
     for command in (tune, cem, params, synth_cls, submit, status, logs, stop, eval_command, export, serve_command):
         main.add_command(command)
+    main.add_command(api)
+
+
+@click.command("api")
+@click.option("--host", default="127.0.0.1", show_default=True, help="bind address (non-loopback needs --api-key)")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--dir", "root", default="runs/api", show_default=True, help="uploaded files and jobs' runs live here")
+@click.option("--model", "models", multiple=True, metavar="NAME=PATH", help="a base model clients may fine-tune")
+@click.option("--template", default=None, help="job YAML the requests fill in (method, backend, scaling, lr, ...)")
+@click.option("--ray-address", default=None, help="Ray job server (default $RAY_API_SERVER_ADDRESS, else "
+              "http://127.0.0.1:8265)")
+@click.option("--api-key", envvar="RAYLIB_API_KEY", default=None, help="bearer key clients send ($RAYLIB_API_KEY)")
+@click.option("--serve-url", default=None, help="a raylib serve app: succeeded jobs' experts are added to it")
+@click.option("--serve-key", envvar="RAYLIB_SERVE_KEY", default=None, help="that app's key ($RAYLIB_SERVE_KEY)")
+@click.option("--check", is_flag=True, help="validate the options and exit")
+def api(host, port, root, models, template, ray_address, api_key, serve_url, serve_key, check):
+    """Serve the OpenAI fine-tuning API (files, fine_tuning.jobs) over raylib jobs on this Ray cluster."""
+    from raylib.finetune_api import api_command_impl
+
+    api_command_impl(host, port, root, models, template, ray_address, api_key, serve_url, serve_key, check)
 
 
 _register_commands()

@@ -17,7 +17,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-from raylib import backends, best
+from raylib import backends, best, providers
+from raylib.providers import ProviderOptions
 from raylib.errors import ConfigError
 from raylib.methods import METHODS
 from raylib.objectives import OBJECTIVE_OPTIONS, ObjectiveOptions, SFTOptions, check_objective
@@ -161,6 +162,9 @@ MethodConfig = Annotated[Union[tuple(m.Options for m in METHODS.values())], Fiel
 
 
 class JobConfig(_Strict):
+    provider: Literal["ray", "openai"] = Field("ray", description="ray: raylib's Ray Train run; openai: an "
+                                               "OpenAI-compatible fine-tuning API (raylib/providers.py)")
+    provider_options: ProviderOptions | None = None
     model: ModelConfig
     data: DataConfig
     method: MethodConfig
@@ -240,6 +244,9 @@ def validate_job(raw: dict[str, Any], source: str = "job") -> JobConfig:
     except ValidationError as exc:
         raise ConfigError("", f"{source}: " + "; ".join(_describe(e) for e in exc.errors())) from None
     METHODS[job.method.name].check(job)
+    providers.check(job)
+    if job.provider != "ray":  # the other checks are about the Ray run, which does not happen
+        return job
     backends.check(job)
     check_objective(job)
     best.check(job)

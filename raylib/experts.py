@@ -29,6 +29,8 @@ class ExpertInfo:
     config: dict[str, Any] = field(default_factory=dict)
     step: int | None = None
     family: str = "causal"  # the base model's family: causal | seq2seq | encoder (models.family)
+    provider: str = "ray"  # openai: trained by a fine-tuning API, which holds the model (fine_tuned_model)
+    fine_tuned_model: str | None = None
     created_at: float = field(default_factory=time.time)
     raylib_version: str = raylib.__version__
     format: str = FORMAT

@@ -241,6 +241,9 @@ def _check_paths(cfg: ServeConfig) -> None:
         if (info.config.get("objective") or {}).get("name") == "reward":
             raise ConfigError(f"experts.{name}.path", "a reward model scores answers, it does not generate them",
                               "use it as an RL reward (objective.reward: model:<dir>), and serve generative experts")
+        if info.provider != "ray":
+            raise ConfigError(f"experts.{name}.path", f"the {info.provider} provider holds this model "
+                              f"({info.fine_tuned_model}); raylib has no weights to serve", "query it at the provider")
         if info.family != "causal" or (info.config.get("objective") or {}).get("labels"):
             kind = "an encoder-decoder" if info.family == "seq2seq" else "a sequence classifier"
             raise ConfigError(f"experts.{name}.path", f"{kind} ({info.family} model) is not served here: the engines "

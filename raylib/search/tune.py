@@ -61,6 +61,9 @@ def preflight(job: JobConfig, search: SearchConfig, resume: bool) -> str:
     """Checks that need no cluster; returns the search directory."""
     from raylib import launch
 
+    if job.provider != "ray":
+        raise ConfigError("provider", f"a search runs its trials on this Ray cluster, not at provider {job.provider}",
+                          "remove provider (and provider_options) from the job")
     launch.preflight(job, resume=False, probe=False)  # model, data (the search dir is probed below)
     if search.scheduler.name == "asha" and not (search.scheduler.max_t or job.train.max_steps):
         raise ConfigError("search.scheduler.max_t", "ASHA needs the trial length in steps",
