@@ -222,14 +222,18 @@ class FineTuning:
                                                                                  .get("lr", 2e-4))},
             "fine_tuned_model": served_name(req.model, req.suffix, job_id),
         }
+        try:
+            self.client().submit_job(
+                entrypoint=f"{sys.executable} -m raylib.job_entry --job-env {JOB_ENV}", submission_id=job_id,
+                runtime_env={"env_vars": {JOB_ENV: yaml.safe_dump(job.to_dict(), sort_keys=False)}},
+                metadata={"raylib_fine_tuning_job": job_id})
+        except Exception as exc:  # no record is left behind: the job does not exist
+            raise ApiError(503, f"the Ray cluster did not take the job: {' '.join(str(exc).split())[:300]}",
+                           code="cluster_unavailable") from None
         os.makedirs(job_dir, exist_ok=True)
         with open(os.path.join(job_dir, "job.yaml"), "w") as f:
             yaml.safe_dump(job.to_dict(), f, sort_keys=False)
         _write_json(os.path.join(job_dir, "record.json"), record)
-        self.client().submit_job(
-            entrypoint=f"{sys.executable} -m raylib.job_entry --job-env {JOB_ENV}", submission_id=job_id,
-            runtime_env={"env_vars": {JOB_ENV: yaml.safe_dump(job.to_dict(), sort_keys=False)}},
-            metadata={"raylib_fine_tuning_job": job_id})
         return self.job(job_id)
 
     def client(self):
@@ -248,7 +252,11 @@ class FineTuning:
     def job(self, job_id: str) -> dict:
         """The OpenAI FineTuningJob object, from the record and Ray's job info."""
         rec = self._record(job_id)
-        info = self.client().get_job_info(job_id)
+        try:
+            info = self.client().get_job_info(job_id)
+        except Exception as exc:
+            raise ApiError(503, f"the Ray cluster does not answer: {' '.join(str(exc).split())[:300]}",
+                           code="cluster_unavailable") from None
         status = self.STATUS.get(info.status.value, "queued")
         run = _read_json(os.path.join(rec["run_dir"], "run.json")) or {}
         metrics = run.get("metrics") or {}

@@ -92,6 +92,11 @@ def test_bad_requests_name_the_field_before_ray(api_no_ray, demo_data):
     assert err.value.body["param"] == "training_file", err.value.body
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.retrieve("ftjob-missing")
+    # a valid job when no Ray answers: a 503 and no job left behind
+    with pytest.raises(openai.InternalServerError) as err:
+        client.fine_tuning.jobs.create(model="tiny", training_file=good.id)
+    assert err.value.status_code == 503 and err.value.body["code"] == "cluster_unavailable"
+    assert client.fine_tuning.jobs.list().data == []
 
 
 @pytest.mark.parametrize("change, field", [
