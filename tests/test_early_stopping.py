@@ -103,43 +103,35 @@ def _checkpoint_evals(out: str) -> dict[int, float]:
     return {e["step"]: e["eval_loss"] for e in events if e["type"] == "eval"}
 
 
-def test_publish_best_publishes_the_best_checkpoint_through_the_cli(tiny_model, demo_data, tmp_path):
-    """`publish: best` by eval_loss with mode max (the highest eval loss counts as best), so the
-    best checkpoint is an early one, not the last: the published expert is that checkpoint's,
-    run.json says which, and Ray kept it beside the latest."""
+def test_through_the_cli_a_run_stops_early_exits_0_and_publishes_its_best_checkpoint(tiny_model, demo_data, tmp_path):
+    """One CLI run: early stopping ends it at step 6 of 20 (exit 0, the reason printed and in
+    run.json), and `publish: best` by eval_loss with mode max (the highest eval loss counts as
+    best, so the best checkpoint is an early one, not the last) publishes that checkpoint's
+    expert; run.json says which, and Ray kept it beside the latest."""
     out = str(tmp_path / "run")
     job = write_job(tmp_path / "job.yaml", job_dict(
-        tiny_model, demo_data, out, train={"max_steps": 8, "checkpoint_every": 2, "eval_every": 4,
-                                           "keep_checkpoints": 1},
+        tiny_model, demo_data, out, train=_never_improves(keep_checkpoints=1),
         output={"publish": "best", "best": {"metric": "eval_loss", "mode": "max"}}))
-    proc = run_cli("train", job, "--local", "--quiet")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    evals = _checkpoint_evals(out)
-    assert sorted(evals) == [2, 4, 6, 8]  # every checkpoint was evaluated (eval_every 4 alone: 4, 8)
-    best_step = max(evals, key=evals.get)
-    assert best_step != 8, evals  # training lowered the eval loss: the "best" here is an early checkpoint
-    run_json = json.load(open(os.path.join(out, "run.json")))
-    published = run_json["published"]
-    assert published["which"] == "best" and published["step"] == best_step
-    assert published["eval_loss"] == pytest.approx(evals[best_step])
-    assert run_json["metrics"]["step"] == 8  # the run itself went to the end
-    ckpt = os.path.join(out, "checkpoints", f"step_{best_step:07d}", "expert")
-    with open(os.path.join(ckpt, "adapter_model.safetensors"), "rb") as a, \
-            open(os.path.join(out, "adapter_model.safetensors"), "rb") as b:
-        assert a.read() == b.read()
-    assert os.path.isdir(os.path.join(out, "checkpoints", "step_0000008"))  # the latest is kept for resume
-    assert f"published the best checkpoint: step {best_step}" in proc.stdout
-
-
-def test_early_stopping_through_the_cli_exits_0_and_says_why(tiny_model, demo_data, tmp_path):
-    out = str(tmp_path / "run")
-    job = write_job(tmp_path / "job.yaml", job_dict(tiny_model, demo_data, out, train=_never_improves()))
     proc = run_cli("train", job, "--local")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stopped early at step 6" in proc.stdout and "early stopping" in proc.stderr
     run_json = json.load(open(os.path.join(out, "run.json")))
     assert run_json["metrics"]["step"] == 6 and "did not improve" in run_json["metrics"]["stopped_early"]
-    assert json.load(open(os.path.join(out, "expert.json")))["step"] == 6
+
+    evals = _checkpoint_evals(out)
+    assert sorted(evals) == [2, 4, 6]  # every checkpoint was evaluated
+    best_step = max(evals, key=evals.get)
+    assert best_step != 6, evals  # training lowered the eval loss: the "best" here is an early checkpoint
+    published = run_json["published"]
+    assert published["which"] == "best" and published["step"] == best_step
+    assert published["eval_loss"] == pytest.approx(evals[best_step])
+    ckpt = os.path.join(out, "checkpoints", f"step_{best_step:07d}", "expert")
+    with open(os.path.join(ckpt, "adapter_model.safetensors"), "rb") as a, \
+            open(os.path.join(out, "adapter_model.safetensors"), "rb") as b:
+        assert a.read() == b.read()
+    assert json.load(open(os.path.join(out, "expert.json")))["step"] == best_step
+    assert os.path.isdir(os.path.join(out, "checkpoints", "step_0000006"))  # the latest is kept for resume
+    assert f"published the best checkpoint: step {best_step}" in proc.stdout
 
 
 @pytest.mark.slow

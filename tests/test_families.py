@@ -57,11 +57,13 @@ def test_the_family_is_read_from_the_config(family, family_model):
     ("roberta", {"name": "lora", "r": 8}, 3e-3, True),
     ("deberta_v2", {"name": "lora", "r": 8}, 3e-3, True),
     # a random-weight encoder's first position (what the classifier reads) carries next to
-    # nothing; LoRA and full fine-tuning learn to route the text there, IA3's rescaling and
-    # AdaLoRA (zero-initialised singular values) do not in 80 steps: these check that they
-    # train, save and reload, not what they learn
+    # nothing; LoRA and full fine-tuning learn to route the text there, IA3's rescaling,
+    # AdaLoRA (zero-initialised singular values) and virtual tokens do not in 80 steps: these
+    # check that they train, save and reload, not what they learn
     ("bert", {"name": "ia3"}, 1e-2, False),
     ("bert", {"name": "adalora", "init_r": 8, "target_r": 4, "tinit": 10, "tfinal": 20}, 1e-2, False),
+    ("bert", {"name": "prompt", "num_virtual_tokens": 8}, 3e-2, False),
+    ("bert", {"name": "ptuning", "num_virtual_tokens": 8}, 1e-2, False),
 ])
 def test_encoders_learn_sequence_classification_and_load_with_plain_transformers(
         family, method, lr, learns, family_model, domain_data, tmp_path):
@@ -177,6 +179,7 @@ def test_a_seq2seq_expert_through_the_cli_and_raylib_eval(family_model, demo_dat
 
 @pytest.mark.parametrize("family, change, field, text", [
     ("bert", {"method": {"name": "svf"}}, "method.name", "does not train encoder"),
+    ("bert", {"method": {"name": "prefix", "num_virtual_tokens": 8}}, "method.name", "past key values"),
     ("bert", {"objective": {"name": "sft"}}, "objective.name", "sequence classification"),
     ("t5", {"method": {"name": "ia3"}}, "method.name", "does not train seq2seq"),
     ("t5", {"objective": {"name": "dpo"}}, "objective.name", "trains sft"),

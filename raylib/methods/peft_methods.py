@@ -150,7 +150,7 @@ class PeftMethod(Method):
             )
         config = self.peft_config(job, model=model)
         new = getattr(model, "raylib_new_modules", None)  # a classifier's freshly initialised modules
-        if new and not isinstance(self, _PromptLearning):
+        if new:
             # PEFT saves `classifier`/`score` itself under SEQ_CLS: add only what lies outside those
             # (BERT's pooler), never a part of a module already saved whole (RoBERTa's classifier.dense)
             saved = set(config.modules_to_save or []) | {"classifier", "score"}
@@ -608,6 +608,8 @@ class _PromptLearning(PeftMethod):
 
     serve_stepwise = False
     supports_packing = False
+    families = ("causal", "encoder")
+    families_reason = "raylib runs prompt learning on decoder-only LMs and encoder classifiers; use lora"
 
     def check(self, job) -> None:
         from raylib.errors import ConfigError
@@ -641,6 +643,9 @@ class _PromptLearning(PeftMethod):
 class PrefixTuning(_PromptLearning):
     name = "prefix"
     Options = PrefixOptions
+    families = ("causal",)
+    families_reason = ("PEFT's prefix tuning feeds the prefix as past key values, which encoders (BERT, ...) do "
+                       "not take; use prompt or ptuning")
 
     def peft_config(self, job, model=None):
         from peft import PrefixTuningConfig
