@@ -5,7 +5,8 @@ Layout of one checkpoint:
     expert/        the trained weights in the method's format + tokenizer + expert.json
     train_state/   optimizer.pt, scheduler.pt, state.json (step, epoch, batch position)
                    (DeepSpeed: deepspeed/ holds the engine checkpoint, every rank's ZeRO
-                   shard, instead of optimizer.pt)
+                   shard, instead of optimizer.pt; FSDP2: fsdp/ holds every rank's shard
+                   of the trainable weights and optimizer state, torch.distributed.checkpoint)
 
 `state.json` is written last: a checkpoint directory without it is incomplete and is never
 resumed from. Ray Train copies the directory to storage and only registers it once the copy
@@ -26,6 +27,7 @@ from raylib.experts import ExpertInfo, write_expert_json
 
 STATE_FILE = "state.json"
 DEEPSPEED_DIR = os.path.join("train_state", "deepspeed")
+FSDP_DIR = os.path.join("train_state", "fsdp")
 
 
 @dataclass
@@ -62,7 +64,7 @@ def save(ckpt_dir: str, *, method, model, tokenizer, optimizer, scheduler, state
     method.save_train_state(model, state_dir)
     for name, module in (modules or {}).items():
         torch.save(module.state_dict(), os.path.join(state_dir, f"{name}.pt"))
-    if optimizer is not None:  # DeepSpeed: the engine checkpoint holds the optimizer state
+    if optimizer is not None:  # DeepSpeed / FSDP2: the sharded checkpoint holds the optimizer state
         torch.save(optimizer.state_dict(), os.path.join(state_dir, "optimizer.pt"))
     torch.save(scheduler.state_dict(), os.path.join(state_dir, "scheduler.pt"))
     tmp = os.path.join(state_dir, STATE_FILE + ".tmp")
@@ -82,10 +84,16 @@ def restore(ckpt_dir: str, *, method, model, optimizer, scheduler, engine=None, 
     if not is_complete(ckpt_dir):
         raise RuntimeError(f"checkpoint {ckpt_dir} is incomplete (no train_state/{STATE_FILE})")
     state_dir = os.path.join(ckpt_dir, "train_state")
+    from raylib.backends import is_fsdp2
+
     if engine is not None:  # DeepSpeed: weights + optimizer from the engine's own checkpoint
         from raylib.backends import load_engine_state
 
         load_engine_state(engine, os.path.join(ckpt_dir, DEEPSPEED_DIR))
+    elif is_fsdp2(model):  # FSDP2: every rank reads its shards of the trainable weights + optimizer
+        from raylib.backends import load_fsdp_state
+
+        load_fsdp_state(model, optimizer, os.path.join(ckpt_dir, FSDP_DIR))
     else:
         method.load_into(model, os.path.join(ckpt_dir, "expert"))
         optimizer.load_state_dict(torch.load(os.path.join(state_dir, "optimizer.pt"), weights_only=False))
@@ -107,12 +115,18 @@ def report_checkpoint(session, job, method, model, tokenizer, optimizer, schedul
     Under DeepSpeed every rank also writes its ZeRO shard of the engine state into its own
     temporary directory and reports it under the same name: Ray Train merges the ranks'
     files into one checkpoint directory and registers it only once all ranks reported.
+    FSDP2 the same way: every rank's shard under train_state/fsdp/, the expert consolidated.
     """
     import tempfile
+
+    from raylib.backends import is_fsdp2
 
     name = f"step_{state.step:07d}"
     if engine is not None:
         return _report_deepspeed_checkpoint(session, job, method, model, tokenizer, scheduler, state, metrics, rank, engine, name)
+    if is_fsdp2(model):
+        return _report_fsdp_checkpoint(session, job, method, model, tokenizer, optimizer, scheduler, state, metrics,
+                                       rank, name, modules)
     if rank != 0:
         session.report(metrics, None, name)
         return
@@ -133,6 +147,21 @@ def _report_deepspeed_checkpoint(session, job, method, model, tokenizer, schedul
             if rank == 0:
                 save(tmp, method=method, model=model, tokenizer=tokenizer, optimizer=None, scheduler=scheduler,
                      state=state, info=expert_info(job, metrics, state))
+        session.report(metrics, tmp, name)
+
+
+def _report_fsdp_checkpoint(session, job, method, model, tokenizer, optimizer, scheduler, state, metrics, rank, name,
+                            modules) -> None:
+    import tempfile
+
+    from raylib.backends import fsdp_consolidated, save_fsdp_state
+
+    with tempfile.TemporaryDirectory(prefix="raylib-ckpt-") as tmp:
+        save_fsdp_state(model, optimizer, os.path.join(tmp, FSDP_DIR))  # collective
+        with fsdp_consolidated(model, rank):  # collective: whole trainable tensors on rank 0
+            if rank == 0:
+                save(tmp, method=method, model=model, tokenizer=tokenizer, optimizer=None, scheduler=scheduler,
+                     state=state, info=expert_info(job, metrics, state), modules=modules)
         session.report(metrics, tmp, name)
 
 

@@ -60,7 +60,8 @@ class FieldMap(_Strict):
 
 
 class DataConfig(_Strict):
-    train: str = Field(description="JSONL/JSON/CSV/parquet path, or hf:<dataset id>[:split]")
+    train: str = Field(description="JSONL/JSON/CSV/parquet file or directory, s3:// / gs:// URI (loader ray), "
+                       "a saved dataset directory, or hf:<dataset id>[:split]")
     eval: str | None = None
     eval_split: float = Field(0.1, ge=0, lt=1, description="held-out share when data.eval is unset")
     template: Literal["alpaca", "chat", "plain"] = "alpaca"
@@ -73,18 +74,30 @@ class DataConfig(_Strict):
     train_on_prompt: bool = False
     too_long: Literal["drop", "truncate"] = "drop"
     max_rows: PositiveInt | None = None
+    loader: Literal["auto", "local", "ray"] = Field(
+        "auto", description="ray: Ray Data reads, tokenizes and packs on the cluster and each worker streams its "
+        "shard (sft); local: every worker prepares the data itself; auto: ray for sft on more than one worker")
 
 
 class BackendConfig(_Strict):
-    """accelerate (DDP) or deepspeed (ZeRO 2/3); see raylib/backends.py and README "Backends"."""
+    """accelerate (DDP), deepspeed (ZeRO 2/3) or fsdp (PyTorch FSDP2 through Accelerate); see
+    raylib/backends.py and README "Backends". Activation checkpointing is train.gradient_checkpointing
+    on every backend (under fsdp: Accelerate's per-block activation checkpointing)."""
 
-    name: Literal["accelerate", "deepspeed"] = "accelerate"
+    name: Literal["accelerate", "deepspeed", "fsdp"] = "accelerate"
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     zero_stage: Literal[2, 3] = Field(2, description="deepspeed: ZeRO stage")
     offload_optimizer: bool = Field(False, description="deepspeed: optimizer state in CPU memory")
     offload_params: bool = Field(False, description="deepspeed: parameters in CPU memory (stage 3 only)")
     config: str | dict[str, Any] | None = Field(
         None, description="deepspeed: JSON file path or inline mapping deep-merged over the generated config"
+    )
+    fsdp_cpu_offload: bool = Field(
+        False, description="fsdp: sharded parameters, gradients and optimizer state in CPU memory (CPUOffloadPolicy)"
+    )
+    fsdp_reshard_after_forward: bool = Field(
+        True, description="fsdp: free the gathered parameters after each block's forward and gather them again for "
+        "backward (ZeRO-3-like, least memory); false keeps them until backward (ZeRO-2-like, less communication)"
     )
 
 

@@ -22,6 +22,7 @@ import bisect
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 from collections import Counter
@@ -84,6 +85,9 @@ def load_rows(source: str, field_name: str = "data.train"):
         if os.path.isdir(source):
             ds = datasets.load_from_disk(source)
             return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+        if "://" in source:
+            raise DataError(field_name, f"{source!r} is a URI, which Ray Data reads on the cluster",
+                            "set data.loader: ray (sft), or copy the file to a local path")
         if not os.path.isfile(source):
             raise DataError(field_name, f"{source!r} does not exist", "give a path to a JSONL/CSV/parquet file or hf:<id>")
         if os.path.getsize(source) == 0:
@@ -103,6 +107,23 @@ def load_rows(source: str, field_name: str = "data.train"):
         cause = _root_cause(exc)  # DatasetGenerationError only says "An error occurred while generating the dataset"
         problem = f"cannot read {source!r}: {type(cause).__name__}: {cause}".replace("\n", " ").strip()
         raise DataError(field_name, problem) from exc
+
+
+def sample_rows(source: str, n: int) -> list[dict]:
+    """The first `n` rows of a local JSON/JSONL/CSV/parquet file, read without loading the
+    rest ([] for anything else: directories, URIs, saved or hub datasets)."""
+    import datasets
+
+    builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(source.rsplit(".", 1)[-1].lower())
+    if builder is None or not os.path.isfile(source):
+        return []
+    datasets.disable_progress_bars()
+    try:
+        with _quiet_builder_errors():
+            return list(datasets.load_dataset(builder, data_files=source, split="train", streaming=True).take(n))
+    except Exception:  # the full read (load_rows) names the broken line
+        load_rows(source)
+        raise
 
 
 @contextlib.contextmanager
@@ -245,6 +266,7 @@ class DataReport:
     eval_examples: int = 0
     train_sequences: int = 0
     train_tokens: int = 0
+    prepare_cpu_s: float = 0.0  # CPU time spent preparing the data, over every process that did
 
     @property
     def bad_total(self) -> int:
@@ -268,6 +290,7 @@ class DataReport:
             "data_train_examples": self.train_examples,
             "data_eval_examples": self.eval_examples,
             "data_train_sequences": self.train_sequences,
+            "data_prepare_cpu_s": round(self.prepare_cpu_s, 3),
         }
 
 
@@ -443,34 +466,48 @@ def chat_template_ids(encoded) -> list[int]:
 # --------------------------------------------------------------------------- sequences
 
 
-def to_sequences(examples: list[Example], data_cfg, report: DataReport | None, seed: int) -> list[dict]:
-    """Examples -> training sequences (packed or one per example), with labels and positions."""
+def cut_example(ex: Example, data_cfg) -> tuple[tuple[list[int], list[int]] | None, str]:
+    """One example's (ids, labels) after the `max_length` cut, and what the cut did: "" (fits),
+    "truncated", "dropped" (too long under `too_long: drop`, or its cut left nothing to train),
+    or "untrainable" (no label token at all). Dropped and untrainable examples give None."""
     max_len = data_cfg.max_length
+    ids = ex.prompt_ids + ex.response_ids
+    labels = ex.labels(data_cfg.train_on_prompt)
+    status = ""
+    if len(ids) > max_len:
+        if data_cfg.too_long == "drop":
+            return None, "dropped"
+        ids, labels = ids[:max_len], labels[:max_len]
+        if all(l == IGNORE for l in labels):  # the cut removed the whole response
+            return None, "dropped"
+        status = "truncated"
+    labels = list(labels)
+    labels[0] = IGNORE  # nothing precedes the first token inside its own segment
+    if all(l == IGNORE for l in labels):
+        return None, "untrainable"
+    return (ids, labels), status
+
+
+def sequences_of(kept: list[tuple[list[int], list[int]]], data_cfg) -> list[dict]:
+    """Cut examples -> training sequences: packed (`pack_ffd`) or one per example."""
+    if not data_cfg.packing:
+        return [{"input_ids": i, "labels": l} for i, l in kept]
+    return [_concat(group) for group in pack_ffd(kept, data_cfg.max_length)]
+
+
+def to_sequences(examples: list[Example], data_cfg, report: DataReport | None, seed: int) -> list[dict]:
+    """Examples -> training sequences (packed or one per example), with labels and positions,
+    in a seeded random order."""
     kept: list[tuple[list[int], list[int]]] = []
     for ex in examples:
-        ids = ex.prompt_ids + ex.response_ids
-        labels = ex.labels(data_cfg.train_on_prompt)
-        if len(ids) > max_len:
-            if data_cfg.too_long == "drop":
-                if report is not None:
-                    report.too_long_dropped += 1
-                continue
-            ids, labels = ids[:max_len], labels[:max_len]
-            if all(l == IGNORE for l in labels):  # the cut removed the whole response
-                if report is not None:
-                    report.too_long_dropped += 1
-                continue
-            if report is not None:
-                report.truncated += 1
-        labels = list(labels)
-        labels[0] = IGNORE  # nothing precedes the first token inside its own segment
-        if all(l == IGNORE for l in labels):
-            continue
-        kept.append((ids, labels))
-    if not data_cfg.packing:
-        seqs = [{"input_ids": i, "labels": l} for i, l in kept]
-    else:
-        seqs = [_concat(group) for group in pack_ffd(kept, max_len)]
+        pair, status = cut_example(ex, data_cfg)
+        if report is not None and status == "dropped":
+            report.too_long_dropped += 1
+        elif report is not None and status == "truncated":
+            report.truncated += 1
+        if pair is not None:
+            kept.append(pair)
+    seqs = sequences_of(kept, data_cfg)
     random.Random(seed).shuffle(seqs)
     return seqs
 
@@ -533,24 +570,51 @@ class Collator:
         return tensors
 
 
+def eval_batches(sequences, batch_size: int, rank: int, world: int, lockstep: bool = False):
+    """The eval batches this rank scores, as (rows, counted): from a list, the shard
+    `sequences[rank::world]` (each sequence scored once over the ranks; summed eval metrics are
+    exact after the all-reduce); from a stream every rank reads (`ingest.EvalStream`), every
+    world-th batch. `lockstep` (DeepSpeed ZeRO-3, where every forward is a collective): every
+    rank runs the same number of forwards; one whose share ran out runs uncounted ones (on its
+    first row, or the set's; a stream's rank with no batch at all gets no rows)."""
+    if not isinstance(sequences, list):
+        yield from sequences.rank_batches(batch_size, rank, world, lockstep)
+        return
+    shard = sequences[rank::world]
+    n_batches = math.ceil(len(shard) / batch_size)
+    if lockstep:
+        n_batches = math.ceil(math.ceil(len(sequences) / world) / batch_size)
+    for b in range(n_batches):
+        i = b * batch_size
+        yield (shard[i:i + batch_size], True) if i < len(shard) else ((shard or sequences)[:1], False)
+
+
 # --------------------------------------------------------------------------- entry points
 
 
-def preflight(job, tokenizer=None) -> DataReport:
+def preflight(job, tokenizer=None, sample: int | None = None) -> DataReport:
     """Driver-side check of instruction/chat/plain rows (sft and the RL objectives' prompts;
     `objectives.preflight` sends the other objectives to their own) before Ray starts:
     sources readable, rows usable, not empty; with the
-    model's `tokenizer` (launch.preflight passes it), also that some example fits max_length."""
+    model's `tokenizer` (launch.preflight passes it), also that some example fits max_length.
+    `sample`: only the first rows of a local file (data that Ray Data reads on the cluster)."""
     report = DataReport()
-    rows = valid_rows(load_rows(job.data.train, "data.train"), job.data, report, job.data.max_rows)
+    streamed = sample is not None
+    if streamed:  # the cluster reads it all (ingest.build); here a sample of a local file
+        rows = valid_rows(sample_rows(job.data.train, sample), job.data, report)
+        if report.rows == 0:  # a URI, a directory or a dataset: checked on the cluster
+            return report
+    else:
+        rows = valid_rows(load_rows(job.data.train, "data.train"), job.data, report, job.data.max_rows)
     if not rows:
         reasons = ", ".join(f"{n}x {why}" for why, n in report.bad.most_common(3)) or "no rows"
+        read = f"the first {report.rows} read" if streamed else f"{report.rows} read"
         raise DataError(
             "data.train",
-            f"{job.data.train!r} has no usable rows ({report.rows} read: {reasons})",
+            f"{job.data.train!r} has no usable rows ({read}: {reasons})",
             f"check data.template ({job.data.template}) and data.fields match the file's columns",
         )
-    if job.data.eval:
+    if job.data.eval and not streamed:
         eval_report = DataReport()
         if not valid_rows(load_rows(job.data.eval, "data.eval"), job.data, eval_report):
             raise DataError("data.eval", f"{job.data.eval!r} has no usable rows", "fix the file or remove data.eval")

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from raylib import data as data_mod
-from raylib import models, noise, objectives, storage, tracking
+from raylib import ingest, models, noise, objectives, storage, tracking
 from raylib.config import JobConfig
 from raylib.errors import ConfigError, TrainingFailed
 from raylib.experts import EXPERT_FILE
@@ -86,6 +86,7 @@ def preflight(job: JobConfig, resume: bool = False, probe: bool = True) -> data_
         storage.probe(loc)
     models.preflight(job)
     check_architecture(job)
+    ingest.check(job)
     tracking.check(job)
     report = objectives.preflight(job, models.preflight_tokenizer(job))
     if has_run(out) and not resume:
@@ -212,9 +213,12 @@ def train(
     connect(address)
     if local:
         give_local_worker_the_machine(job)
+    # streamed data is prepared on the cluster before any training worker starts (a DataError
+    # here spends none); local-loader jobs prepare theirs in the workers
+    ingested = ingest.build(job) if ingest.resolve(job) == "ray" else None
     storage.write_text(loc, "job.yaml", yaml.safe_dump(job.to_dict(), sort_keys=False))
     sink = ProgressSink.remote()
-    trainer = build_trainer(job, storage_path=out, progress_sink=sink)
+    trainer = build_trainer(job, storage_path=out, progress_sink=sink, ingested=ingested)
     started = time.time()
     staging = storage.staging_dir(loc)  # local runs: out itself; remote: a local dir uploaded at the end
     metrics_file = os.path.join(staging, "metrics.jsonl")
@@ -313,11 +317,13 @@ def finish_run(result, out: str, started: float, local_run_dir: str | None = Non
     return RunResult(expert_dir=out, checkpoint_dir=ckpt_dir, metrics=metrics, published=published)
 
 
-def build_trainer(job: JobConfig, *, storage_path: str, progress_sink=None, callbacks: list | None = None):
+def build_trainer(job: JobConfig, *, storage_path: str, progress_sink=None, callbacks: list | None = None,
+                  ingested: "ingest.Ingested | None" = None):
     """The TorchTrainer for a validated job (shared by `train` and each `tune` trial).
 
     Ray Train keeps the run under `<storage_path>/checkpoints/` and restores it from there
-    when the same trainer is built again (driver restart, resumed search).
+    when the same trainer is built again (driver restart, resumed search). A job whose data
+    streams (`ingest.resolve`) gets its Ray Data datasets (`ingested`, or built here).
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -329,9 +335,14 @@ def build_trainer(job: JobConfig, *, storage_path: str, progress_sink=None, call
     resources = dict(job.scaling.resources_per_worker)
     if use_gpu:
         resources.setdefault("GPU", 1)
+    if ingested is None and ingest.resolve(job) == "ray":
+        ingested = ingest.build(job)
+    data = {"datasets": ingested.trainer_datasets, "dataset_config": ingested.data_config()} if ingested else {}
     return TorchTrainer(
         train_worker,
-        train_loop_config={"job": job.to_dict(), "progress": progress_sink, "use_gpu": use_gpu},
+        train_loop_config={"job": job.to_dict(), "progress": progress_sink, "use_gpu": use_gpu,
+                           "data": ingested.info if ingested else None},
+        **data,
         scaling_config=ScalingConfig(
             num_workers=job.scaling.num_workers,
             use_gpu=use_gpu,

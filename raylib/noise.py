@@ -37,6 +37,12 @@ LOG_NOISE: tuple[LogNoise, ...] = (
         "downloads a kernel from the model hub. Without it, bnb uses its own CPU kernel and the "
         "run is unaffected. The notice prints on every import, in every process.",
     ),
+    LogNoise(
+        "ray.data._internal.progress",
+        "Progress bars disabled",
+        "raylib turns Ray Data's progress bars off (`ingest.quiet_ray_data`: raylib reports what the data "
+        "step did itself), and Ray Data answers with how to turn them back on, once per process",
+    ),
 )
 
 #: Python warnings (message regex) ignored process-wide
@@ -53,6 +59,10 @@ WARNING_NOISE: tuple[tuple[str, str], ...] = (
 RAY_DRIVER_NOISE: tuple[tuple[str, str], ...] = (
     ("has constructor arguments in the object store and max_restarts > 0",
      "printed at ERROR level by Ray's own actors on every healthy run (ray-project/ray#53727)"),
+    ("Progress bars disabled. To enable, set",
+     "Ray Data's SplitCoordinator actor (streaming the training shards) says it once: raylib turned the bars off"),
+    ("execution finished in ",
+     "Ray Data's SplitCoordinator actor closes every epoch of a streamed training shard with its timing"),
 )
 
 

@@ -56,7 +56,7 @@ def setup(job, use_gpu: bool = False, head: str | None = None) -> Setup:
     if head is not None:  # the score is read at the last non-pad token
         model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
-    if job.train.gradient_checkpointing:
+    if job.train.gradient_checkpointing and job.backend.name != "fsdp":  # fsdp: Accelerate's, per block (backends)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = method.apply(model, job)
     trainable, total = models.count_parameters(model)
@@ -209,6 +209,7 @@ def fit(job, session, steps: Steps) -> dict[str, Any]:
             session.progress({"type": "eval", **metrics})
         if at_end:
             metrics["step_time_p50"] = steady_step_time(step_times)
+            metrics["peak_rss_mb"] = peak_rss_mb(accelerator)
             if device_type == "cuda":  # this rank's high-water mark of allocated GPU memory
                 metrics["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         if do_ckpt:
@@ -226,6 +227,18 @@ def fit(job, session, steps: Steps) -> dict[str, Any]:
         session.report(final, None, None)
     return {"step": state.step, "step_times": step_times, "state": state, "model": steps.unwrapped,
             **steps.run_metrics()}
+
+
+def peak_rss_mb(accelerator) -> float:
+    """The largest high-water mark of resident memory over the ranks (collective): what a
+    worker needs in host memory, e.g. with the whole dataset in it or only its stream."""
+    import resource
+
+    import torch
+
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return accelerator.reduce(torch.tensor([mine], dtype=torch.float64, device=accelerator.device),
+                              reduction="max").item() if accelerator.num_processes > 1 else mine
 
 
 def worker_node_ids(world: int) -> list[str]:

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from typing import Any
 
 from raylib import backends, recipe
@@ -93,24 +94,26 @@ def train_worker(config: dict[str, Any]) -> None:
 
         rl.run(job, session, use_gpu=use_gpu)
         return
-    run(job, session, use_gpu=use_gpu)
+    run(job, session, use_gpu=use_gpu, streamed=config.get("data"))
 
 
 # --------------------------------------------------------------------------- the steps
 
 
-def run(job, session, use_gpu: bool = False) -> dict[str, Any]:
-    """Train one job of a worker-loop objective (`recipe.fit` over `BatchSteps`)."""
-    return recipe.fit(job, session, BatchSteps(job, use_gpu))
+def run(job, session, use_gpu: bool = False, streamed: dict | None = None) -> dict[str, Any]:
+    """Train one job of a worker-loop objective (`recipe.fit` over `BatchSteps`); `streamed`:
+    the driver's Ray Data ingestion info (`ingest.build`) when the data streams."""
+    return recipe.fit(job, session, BatchSteps(job, use_gpu, streamed))
 
 
 class BatchSteps:
     """sft, classification, dpo/orpo/simpo/kto and reward models: the objective (what a batch
     is, the loss, the eval; `objectives.loop_objective`) over a DataLoader of its prepared
     data, `train.grad_accum` micro-batches per optimizer step (Accelerate's `accumulate`, or
-    the DeepSpeed engine's own step)."""
+    the DeepSpeed engine's own step). The data is prepared here (`loader: local`) or streamed
+    from the Ray Data shard the driver prepared (`streamed`, `ingest.ShardLoader`)."""
 
-    def __init__(self, job, use_gpu: bool = False):
+    def __init__(self, job, use_gpu: bool = False, streamed: dict | None = None):
         import torch
         from torch.utils.data import DataLoader
 
@@ -118,12 +121,24 @@ class BatchSteps:
         self.objective = objective = loop_objective(job)
         self.setup = built = recipe.setup(job, use_gpu, head=getattr(objective, "model_head", None))
         accelerator = built.accelerator
-        # data (heads may cache backbone features here)
-        self.prepared = objective.prepare(job, built.tokenizer, built.model, accelerator.device)
         self.collator = objective.collator(job, built.tokenizer)
-        loader = DataLoader(self.prepared.train, batch_size=job.train.batch_size, shuffle=True, collate_fn=self.collator)
         optimizer = backends.build_optimizer(built.model, job.train)
-        self.model, self.optimizer, self.loader = accelerator.prepare(built.model, optimizer, loader)
+        self.streamed = streamed is not None
+        if self.streamed:
+            from raylib import data, ingest
+
+            self.loader, evals, report = ingest.worker_data(streamed, job, accelerator.num_processes, self.collator,
+                                                            accelerator.device)
+            self.prepared = data.Prepared([], evals, report)
+            self.model, self.optimizer = accelerator.prepare(built.model, optimizer)
+        else:  # data (heads may cache backbone features here)
+            cpu_started = time.process_time()
+            self.prepared = objective.prepare(job, built.tokenizer, built.model, accelerator.device)
+            spent = torch.tensor([time.process_time() - cpu_started], dtype=torch.float64, device=accelerator.device)
+            self.prepared.report.prepare_cpu_s = accelerator.reduce(spent, reduction="sum").item()  # every rank's
+            loader = DataLoader(self.prepared.train, batch_size=job.train.batch_size, shuffle=True,
+                                collate_fn=self.collator)
+            self.model, self.optimizer, self.loader = accelerator.prepare(built.model, optimizer, loader)
         self.total_steps = job.train.max_steps or math.ceil(len(self.loader) / job.train.grad_accum) * job.train.epochs
         self.unwrapped = accelerator.unwrap_model(self.model)
         self.engine = backends.deepspeed_engine(accelerator, self.model)  # None on the accelerate backend
@@ -136,9 +151,12 @@ class BatchSteps:
     def _micro_batches(self, state):
         """The loader's batches from the data position in `state` on, epoch after epoch."""
         while True:
-            self.loader.set_epoch(state.epoch)
             skip = state.batches_in_epoch
-            yield from (self.setup.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader)
+            if self.streamed:
+                yield from self.loader.epoch(state.epoch, skip)
+            else:
+                self.loader.set_epoch(state.epoch)
+                yield from (self.setup.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader)
             state.epoch += 1
             state.batches_in_epoch = 0
 
@@ -190,8 +208,9 @@ class BatchSteps:
         return self.objective.evaluate(
             self.unwrapped, self.prepared.eval, self.collator, self.job.train.batch_size, accelerator.process_index,
             accelerator.num_processes, accelerator.device, lambda t: accelerator.reduce(t, reduction="sum"),
-            lockstep=backends.needs_lockstep(self.engine),
+            lockstep=backends.needs_lockstep(self.engine, self.model),
         )
 
     def run_metrics(self) -> dict:
-        return {**self.prepared.report.as_metrics(), "packing_efficiency": self._real / max(self._padded, 1)}
+        return {**self.prepared.report.as_metrics(), "packing_efficiency": self._real / max(self._padded, 1),
+                "data_loader": "ray" if self.streamed else "local"}

@@ -27,3 +27,24 @@ def three_args(output, batch, extra):
 
 
 NOT_CALLABLE = 3
+
+
+_calls = 0
+
+
+def crash_once_at_call_3(output, batch):
+    """Next-token cross-entropy that raises in its third call while the marker file the
+    resume tests create exists (deleted by the raise: the rerun passes)."""
+    import os
+    import tempfile
+
+    global _calls
+    _calls += 1
+    marker = os.path.join(tempfile.gettempdir(), "raylib-test-crash-once")
+    if _calls == 3 and os.path.exists(marker):
+        try:
+            os.remove(marker)
+        except FileNotFoundError:
+            pass
+        raise RuntimeError("injected crash in step 3")
+    return shifted_ce_plus_ten(output, batch) - 10.0

@@ -1,4 +1,4 @@
-"""Benchmark: Accelerate (DDP) vs DeepSpeed ZeRO-2 vs ZeRO-3 on the same tiny LoRA job.
+"""Benchmark: Accelerate (DDP) vs DeepSpeed ZeRO-2 vs ZeRO-3 vs FSDP2 on the same tiny LoRA job.
 
 Every configuration runs the raylib worker loop (`raylib.train_loop.run`) in `--workers`
 processes started by torchrun (a fresh process group per run, no Ray: this measures the
@@ -28,6 +28,7 @@ BACKENDS = {
     "accelerate": {"name": "accelerate"},
     "zero2": {"name": "deepspeed", "zero_stage": 2},
     "zero3": {"name": "deepspeed", "zero_stage": 3},
+    "fsdp2": {"name": "fsdp"},
 }
 
 

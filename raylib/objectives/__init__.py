@@ -179,9 +179,10 @@ def preflight(job, tokenizer=None):
         from raylib.objectives import preference
 
         return preference.preflight(job)
-    from raylib import data
+    from raylib import data, ingest
 
-    return data.preflight(job, tokenizer)
+    # streamed data is read whole on the cluster (ingest.build): here a sample
+    return data.preflight(job, tokenizer, sample=ingest.PREFLIGHT_ROWS if ingest.resolve(job) == "ray" else None)
 
 
 def check_objective(job) -> None:

@@ -253,8 +253,6 @@ def evaluate_classes(forward, classes: dict[str, list], model, sequences: list[d
                      rank: int, world: int, device, reduce_sum, lockstep: bool = False, per_task: bool = True):
     """The metrics of `evaluate`, for any model whose `forward(batch)` gives logits per task
     name (`classes`: task -> class names, in task-id order)."""
-    import math
-
     import torch
     import torch.nn.functional as F
 
@@ -263,22 +261,19 @@ def evaluate_classes(forward, classes: dict[str, list], model, sequences: list[d
     # per task: [loss sum, rows, correct] and per class [tp, fp, fn]
     totals = torch.zeros(len(tasks), 3, dtype=torch.float64, device=device)
     conf = torch.zeros(len(tasks), n_max, 3, dtype=torch.float64, device=device)
-    shard = sequences[rank::world]
+    from raylib.data import eval_batches
+
     was_training = model.training
     model.eval()
-    n_batches = math.ceil(len(shard) / batch_size)
-    if lockstep:
-        n_batches = math.ceil(math.ceil(len(sequences) / world) / batch_size)
     with torch.no_grad():
-        for b in range(n_batches):
-            i = b * batch_size
-            if i >= len(shard):  # lockstep padding: a forward that is not counted
-                pad = collate((shard or sequences)[:1])
+        for rows, counted in eval_batches(sequences, batch_size, rank, world, lockstep):
+            if not counted:  # lockstep padding: a forward that is not counted
+                pad = collate(rows)
                 pad.pop("num_tokens", None)
                 pad.pop("labels", None)
                 forward({k: v.to(device) for k, v in pad.items()})
                 continue
-            batch = collate(shard[i : i + batch_size])
+            batch = collate(rows)
             batch.pop("num_tokens", None)
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")

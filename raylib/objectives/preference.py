@@ -35,7 +35,6 @@ label's sign) and `eval_reward_margin` (mean chosen − rejected reward), with r
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Literal
 
@@ -432,18 +431,14 @@ class PreferenceObjective:
         """Mean loss, reward accuracy and margin over `items`, each worker its shard, summed."""
         import torch
 
-        shard = items[rank::world]
+        from raylib.data import eval_batches
+
         totals = torch.zeros(6, dtype=torch.float64, device=device)  # loss, n, correct, chosen r, rejected r, n_rej
-        n_batches = math.ceil(len(shard) / batch_size)
-        if lockstep:  # ZeRO-3: every forward is a collective, so all ranks run as many
-            n_batches = math.ceil(math.ceil(len(items) / world) / batch_size)
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for b in range(n_batches):
-                part = shard[b * batch_size:(b + 1) * batch_size]
-                counted = bool(part)
-                batch = collator(part or items[:1])
+            for part, counted in eval_batches(items, batch_size, rank, world, lockstep):
+                batch = collator(part)
                 batch.pop("num_tokens")
                 batch = {k: v.to(device) for k, v in batch.items()}
                 loss, a, b_ = self.losses(model, batch)

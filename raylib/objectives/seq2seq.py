@@ -10,8 +10,6 @@ which line up with the logits (no shift), exact across workers.
 
 from __future__ import annotations
 
-import math
-
 IGNORE = -100
 
 
@@ -98,23 +96,19 @@ def evaluate(model, seqs: list[dict], collate, batch_size: int, rank: int, world
     import torch
     import torch.nn.functional as F
 
-    shard = seqs[rank::world]
+    from raylib.data import eval_batches
+
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, correct
     was_training = model.training
     model.eval()
-    n_batches = math.ceil(len(shard) / batch_size)
-    if lockstep:
-        n_batches = math.ceil(math.ceil(len(seqs) / world) / batch_size)
     with torch.no_grad():
-        for b in range(n_batches):
-            i = b * batch_size
-            part = shard[i:i + batch_size] if i < len(shard) else (shard or seqs)[:1]
-            batch = collate(part)
+        for rows, counted in eval_batches(seqs, batch_size, rank, world, lockstep):
+            batch = collate(rows)
             batch.pop("num_tokens")
             batch.pop("num_padded")
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(**batch, use_cache=False).logits.float()
-            if i >= len(shard):  # lockstep padding: a forward that is not counted
+            if not counted:  # lockstep padding: a forward that is not counted
                 continue
             labels = batch["labels"]
             mask = labels != IGNORE

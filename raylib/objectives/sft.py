@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 
 def prepare(job, tokenizer, model=None, device=None):
     """Templated, tokenized (packed) sequences: raylib.data.prepare."""
@@ -23,36 +21,28 @@ def loss(model, batch):
     return model(**batch, use_cache=False).loss
 
 
-def evaluate(model, sequences: list[dict], collator, batch_size: int, rank: int, world: int, device, reduce_sum,
+def evaluate(model, sequences, collator, batch_size: int, rank: int, world: int, device, reduce_sum,
              lockstep: bool = False):
-    """Token-weighted eval loss and token accuracy over `sequences`, exact across workers.
-
-    Each worker scores the shard `sequences[rank::world]`; sums are all-reduced, so no
-    sequence is counted twice (unlike an evenly padded distributed loader). `lockstep`
-    (DeepSpeed ZeRO-3, where every forward is a collective that gathers parameters): all
-    workers run the same number of forwards; a worker whose shard ran out scores a batch
-    again and does not count it.
-    """
+    """Token-weighted eval loss and token accuracy over `sequences` (a list, or a Ray Data
+    stream), exact across workers: each sequence is scored by one rank (`data.eval_batches`,
+    which also keeps ranks in lockstep under ZeRO-3) and the sums are all-reduced."""
     import torch
     import torch.nn.functional as F
 
-    shard = sequences[rank::world]
+    from raylib.data import eval_batches
+
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, correct
     was_training = model.training
     model.eval()
-    n_batches = math.ceil(len(shard) / batch_size)
-    if lockstep:
-        n_batches = math.ceil(math.ceil(len(sequences) / world) / batch_size)
     with torch.no_grad():
-        for b in range(n_batches):
-            i = b * batch_size
-            if i >= len(shard):  # lockstep padding: a forward that is not counted
-                if shard:
-                    model(**{k: v.to(device) for k, v in collator(shard[:1]).items() if k not in ("num_tokens", "labels")})
+        for rows, counted in eval_batches(sequences, batch_size, rank, world, lockstep):
+            if not counted:  # lockstep padding: a forward that is not counted
+                if rows:
+                    model(**{k: v.to(device) for k, v in collator(rows).items() if k not in ("num_tokens", "labels")})
                 else:
                     model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
                 continue
-            batch = collator(shard[i : i + batch_size])
+            batch = collator(rows)
             batch.pop("num_tokens", None)
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")

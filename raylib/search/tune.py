@@ -161,6 +161,11 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], search_dir: str, met
     trial_loc = storage.resolve(search_dir, "search.dir").join("trials", tune.get_context().get_trial_id())
     trial_dir = trial_loc.uri
     raw["output"]["dir"] = trial_dir
+    # each trial prepares its own data (its parameters may change data.*): in its workers,
+    # unless the job asks for Ray Data explicitly (then inside the trial, on free cluster CPUs)
+    raw["data"].setdefault("loader", "auto")
+    if raw["data"]["loader"] == "auto":
+        raw["data"]["loader"] = "local"
     job = validate_job(raw, source="trial")
     storage.write_text(trial_loc, "job.yaml", yaml.safe_dump(raw, sort_keys=False))
     started = time.time()
