@@ -116,7 +116,23 @@ def test_no_usable_rows_is_a_data_error_before_any_training_worker(ray_session, 
     assert err.value.field == "data.train" and "50x missing 'instruction'" in str(err.value)
 
 
-def test_parquet_directories_and_csv_read_like_jsonl(ray_session, tiny_model, demo_data, tmp_path):
+def test_cli_exits_2_on_unusable_data_found_on_the_cluster(tiny_model, tmp_path):
+    """A directory source is read only on the cluster: its unusable rows are still one exit-2
+    `error:` line naming data.train, before any training worker starts."""
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("\n".join(json.dumps({"question": "q", "answer": "a"}) for _ in range(30)) + "\n")
+    out = tmp_path / "run"
+    job = job_dict(tiny_model, {"train": str(folder), "eval": None}, str(out), scaling={"num_workers": 2})
+    proc = run_cli("train", write_job(tmp_path / "job.yaml", job))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "data.train" in errors[0] and "no usable rows" in errors[0], proc.stderr[-2000:]
+    assert not (out / "checkpoints").exists()
+
+
+def test_parquet_directories_csv_json_and_saved_datasets_read_alike(ray_session, tiny_model, demo_data, tmp_path):
+    import datasets
     import pyarrow.csv
     import pyarrow.parquet as pq
 
@@ -126,11 +142,13 @@ def test_parquet_directories_and_csv_read_like_jsonl(ray_session, tiny_model, de
     pq.write_table(pa.Table.from_pylist(rows[:120]), folder / "part-0.parquet")
     pq.write_table(pa.Table.from_pylist(rows[120:]), folder / "part-1.parquet")
     pyarrow.csv.write_csv(pa.Table.from_pylist(rows), tmp_path / "rows.csv")
+    (tmp_path / "rows.json").write_text(json.dumps(rows))  # one JSON array
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
     reports = []
-    for source in (str(folder), str(tmp_path / "rows.csv")):
+    for source in (str(folder), str(tmp_path / "rows.csv"), str(tmp_path / "rows.json"), str(tmp_path / "saved")):
         job = _job(tiny_model, {"train": source, "eval": None}, str(tmp_path / "o"), data_={"loader": "ray"})
         reports.append({k: v for k, v in ingest.build(job).info["report"].items() if k != "prepare_cpu_s"})
-    assert reports[0] == reports[1] and reports[0]["rows"] == 200 and reports[0]["bad"] == {}
+    assert all(r == reports[0] for r in reports) and reports[0]["rows"] == 200 and reports[0]["bad"] == {}, reports
 
 
 @pytest.mark.slow
