@@ -118,7 +118,13 @@ def validate(job_yaml: str, overrides: tuple[str, ...]) -> None:
         click.echo(f"ok: provider openai, {job.provider_options.model or job.model.path}; {len(rows)} training rows")
         return
     report = launch.preflight(job, resume=launch.has_run(job.output.dir))
-    click.echo(f"ok: {job.method.name} on {job.model.path}; data: {report.summary()}")
+    data = report.summary()
+    from raylib import ingest
+
+    if ingest.resolve(job) == "ray":  # the cluster reads the whole source (raylib/ingest.py)
+        data = (f"{data} in the first rows (at most {ingest.PREFLIGHT_ROWS}); Ray Data reads the rest on the cluster"
+                if report.rows else "read on the cluster (data.loader: ray)")
+    click.echo(f"ok: {job.method.name} on {job.model.path}; data: {data}")
 
 
 @main.command()

@@ -131,6 +131,15 @@ def test_cli_exits_2_on_unusable_data_found_on_the_cluster(tiny_model, tmp_path)
     assert not (out / "checkpoints").exists()
 
 
+def test_validate_checks_a_sample_of_streamed_data_and_refuses_uris_without_ray_data(tiny_model, demo_data, tmp_path):
+    job = job_dict(tiny_model, demo_data, str(tmp_path / "run"), scaling={"num_workers": 2})
+    proc = run_cli("validate", write_job(tmp_path / "job.yaml", job))
+    assert proc.returncode == 0 and "Ray Data reads the rest on the cluster" in proc.stdout, proc.stdout + proc.stderr
+    proc = run_cli("validate", str(tmp_path / "job.yaml"), "--set", "data.train=s3://bucket/rows.jsonl",
+                   "--set", "scaling.num_workers=1", "--set", "data.eval=null")
+    assert proc.returncode == 2 and "error: data.train:" in proc.stderr and "data.loader: ray" in proc.stderr, proc.stderr
+
+
 def test_parquet_directories_csv_json_and_saved_datasets_read_alike(ray_session, tiny_model, demo_data, tmp_path):
     import datasets
     import pyarrow.csv
