@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from helpers import job_dict, run_cli, run_python, write_job
+from helpers import job_dict, run_cli, run_python, stray_stderr, write_job
 
 from raylib import models
 from raylib.config import validate_job
@@ -163,6 +163,7 @@ def test_a_seq2seq_expert_through_the_cli_and_raylib_eval(family_model, demo_dat
                                                      train={"lr": 3e-3, "max_steps": 30, "checkpoint_every": 30}))
     trained = run_cli("train", job, "--local", "--quiet")
     assert trained.returncode == 0, trained.stderr[-3000:]
+    assert not stray_stderr(trained.stderr), stray_stderr(trained.stderr)  # no third-party lines
     report = tmp_path / "eval.json"
     evaluated = run_cli("eval", out, "--data", demo_data["eval"], "--out", str(report), "--max-rows", "20",
                         "--shards", "1")
@@ -225,11 +226,13 @@ def test_the_family_examples_run_as_their_comments_say(tmp_path):
     enc = run_cli("train", os.path.join(root, "encoder-classification.yaml"), "--local", "--quiet",
                   "--set", "train.max_steps=60", cwd=str(tmp_path))
     assert enc.returncode == 0, enc.stderr[-3000:]
+    assert not stray_stderr(enc.stderr), stray_stderr(enc.stderr)
     run_json = json.loads((tmp_path / "runs" / "encoder-cls" / "run.json").read_text())
     assert run_json["published"]["which"] == "best" and run_json["published"]["eval_accuracy"] > 0.5, run_json
     s2s = run_cli("train", os.path.join(root, "seq2seq.yaml"), "--local", "--quiet", "--set", "train.max_steps=40",
                   cwd=str(tmp_path))
     assert s2s.returncode == 0, s2s.stderr[-3000:]
+    assert not stray_stderr(s2s.stderr), stray_stderr(s2s.stderr)
     metrics = json.loads((tmp_path / "runs" / "seq2seq-lora" / "run.json").read_text())["metrics"]
     assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.5, metrics
 
