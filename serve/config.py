@@ -15,6 +15,9 @@ Example::
       keywords: {arithmetic: ["+", " - "], strings: [reverse, uppercase]}
       fallback: base                 # unknown domain -> this (base = the base model)
     single_device: auto              # auto | true | false
+    engine: auto                     # auto | vllm | hf (per expert too); auto = vLLM where installed and able
+    vllm: {max_loras: 4, kv_cache_bytes: 1073741824}
+    runtime_env: {py_executable: .venv-vllm/bin/python}   # Ray runtime_env of the replicas (per expert too)
     http: {host: 127.0.0.1, port: 8000}
     api_key_env: null                # name of an env var holding the bearer key
     limits: {max_prompt_tokens: 1024, max_tokens: 256, max_body_bytes: 65536}
@@ -76,11 +79,29 @@ class Batching(_Strict):
     batch_wait_timeout_s: float = Field(0.005, ge=0)
 
 
+class VLLMSettings(_Strict):
+    """The vLLM engine's settings (serve/vllm_engine.py VLLMOptions)."""
+
+    max_loras: PositiveInt = 4
+    max_lora_rank: PositiveInt | None = None
+    kv_cache_bytes: PositiveInt = 1 << 30
+    max_model_len: PositiveInt | None = None
+    enforce_eager: bool = True
+
+
+EngineName = Literal["auto", "vllm", "hf"]
+
+
 class ExpertSpec(_Strict):
     path: str
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     resources: Resources = Field(default_factory=Resources)
     max_ongoing_requests: PositiveInt = 16
+    #: this deployment's engine (None: the config's `engine`)
+    engine: EngineName | None = None
+    #: Ray's runtime_env for this deployment's replicas, e.g. {py_executable: .venv-vllm/bin/python}
+    #: (an environment with vLLM) or a container image
+    runtime_env: dict[str, Any] | None = None
 
 
 
@@ -140,6 +161,12 @@ class ServeConfig(_Strict):
     #: the replica that serves the base model (multi-deployment mode) or everything (single-device)
     base: ExpertSpec | None = None
     batching: Batching = Field(default_factory=Batching)
+    #: auto: vLLM where it is installed in the replica's environment and serves every expert of
+    #: the deployment (LoRA/QLoRA, full, merged), else the HF engine; vllm | hf: that one
+    engine: EngineName = "auto"
+    vllm: VLLMSettings = Field(default_factory=VLLMSettings)
+    #: Ray's runtime_env for every replica (an expert's own runtime_env replaces it)
+    runtime_env: dict[str, Any] | None = None
     http: HttpOptions = Field(default_factory=HttpOptions)
     api_key: str | None = None
     api_key_env: str | None = None
@@ -226,6 +253,12 @@ def _servable() -> set[str]:
     return {name for name, m in METHODS.items() if m.servable}
 
 
+def _vllm_servable() -> set[str]:
+    from raylib.methods import METHODS
+
+    return {name for name, m in METHODS.items() if m.servable and m.vllm_servable}
+
+
 def _check_paths(cfg: ServeConfig) -> None:
     from raylib.experts import read_expert
 
@@ -251,6 +284,11 @@ def _check_paths(cfg: ServeConfig) -> None:
         if info.method not in _servable():
             raise ConfigError(f"experts.{name}.path", f"method {info.method!r} cannot be served as a text generator",
                               f"serve experts of {sorted(_servable())}")
+        if "vllm" in (spec.engine, cfg.engine) and info.method not in _vllm_servable():
+            field = f"experts.{name}.engine" if spec.engine == "vllm" else "engine"
+            raise ConfigError(field, f"vLLM does not serve {info.method} experts ({name}): SVF z-switching, IA3 and "
+                              "prompt-learning experts need the HF engine",
+                              f"set {field}: hf (or auto), or `raylib export --merge` the expert into a full model")
     r = cfg.router
     if r.strategy == "cem":
         path = cfg.expert_specs()[r.cem_expert].path
@@ -280,6 +318,10 @@ def resolve_paths(raw: dict[str, Any], base_dir: str) -> dict[str, Any]:
         else:
             experts[name] = absolute(spec)
     out["experts"] = experts
+    for holder in [out, out.get("base"), *experts.values()]:  # an environment's python given relative to here
+        env = holder.get("runtime_env") if isinstance(holder, dict) else None
+        if isinstance(env, dict) and isinstance(env.get("py_executable"), str):
+            holder["runtime_env"] = {**env, "py_executable": absolute(env["py_executable"])}
     if isinstance(out.get("router"), dict):
         r = dict(out["router"])
         for key in ("classifier_data",):

@@ -40,7 +40,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from raylib.serve import prompts
 from raylib.serve.interface import ServingEngine, Sink
+from raylib.serve.prompts import cut as _cut
 from raylib.serve.requests import GenRequest
 from raylib.serve.scheduler import Scheduler, Sequence
 
@@ -48,7 +50,6 @@ log = logging.getLogger("raylib.serve")
 
 BASE = "base"
 PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
-END_MARKERS = ("### End", "\n\n###")  # the alpaca template's end (see raylib.evaluation)
 
 
 @dataclass
@@ -65,6 +66,8 @@ class _Slot:
 
 class Engine(ServingEngine):
     """The HF engine: transformers/PEFT models of one base, decoded by the Scheduler."""
+
+    name = "hf"
 
     def __init__(self, base_model: str, experts: dict[str, str], base_template: str = "alpaca",
                  dtype: str = "auto", device: str | None = None, include_base: bool = True, mix_cache: int = 4,
@@ -145,27 +148,13 @@ class Engine(ServingEngine):
         return sorted(n for n in self.slots if not n.startswith("mix("))
 
     def render(self, req: GenRequest) -> str:
-        """The prompt text: completions as sent; chat via the expert's training template
-        (alpaca: the last user message is the instruction, system text its input)."""
-        if req.kind != "chat":
-            return req.prompt
-        from raylib.data import render_prompt
-
-        template = self.slots[req.expert].template
-        if template == "chat":
-            return self.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
-        user = [m["content"] for m in req.messages if m.get("role") == "user"]
-        system = [m["content"] for m in req.messages if m.get("role") == "system"]
-        return render_prompt(template, user[-1] if user else "", "\n".join(system), self.tokenizer)
+        return prompts.render(self.tokenizer, self.slots[req.expert].template, req)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
 
     def _stops(self, req: GenRequest) -> list[str]:
-        stops = list(req.stop)
-        if req.kind == "chat" and self.slots[req.expert].template == "alpaca":
-            stops += list(END_MARKERS)
-        return stops
+        return prompts.stops(self.slots[req.expert].template, req)
 
     # ------------------------------------------------------------------ selection
 
@@ -485,46 +474,25 @@ class Engine(ServingEngine):
         return self.tokenizer.decode(seq.ids, skip_special_tokens=True)
 
     def delta_event(self, seq: Sequence) -> dict | None:
-        """The stream's next piece: text that can no longer turn into a stop string (the last
-        len(longest stop) - 1 characters wait), trailing chat whitespace held back."""
-        text = self._text(seq)
-        partial = len(text) - len(text.rstrip("\ufffd"))  # a multi-byte character may still complete:
-        text = text[: len(text) - min(partial, 3)]  # hold up to 3 trailing replacement characters
-        visible, _ = _cut(text, seq.stops)
-        hold = max((len(x) for x in seq.stops), default=1) - 1
-        chat = seq.req.kind == "chat"
-        if chat:
-            visible = visible.lstrip()
-        end = max(seq.sent, len(visible) - hold)
-        if chat:  # trailing space may turn out to be the end (stripped)
-            end = max(seq.sent, min(end, len(visible.rstrip())))
-        if end <= seq.sent:
+        """The stream's next piece (prompts.stream_piece: what can no longer change is shown)."""
+        piece = prompts.stream_piece(self._text(seq), seq.stops, seq.sent, seq.req.kind == "chat")
+        if piece is None:
             return None
-        piece, seq.sent = visible[seq.sent:end], end
-        return {"delta": piece}
+        text, seq.sent = piece
+        return {"delta": text}
 
     def finish_events(self, seq: Sequence) -> list[dict]:
         req = seq.req
-        text, cut = _cut(self._text(seq), seq.stops)
-        if req.kind == "chat":
-            text = text.strip()
+        text, cut = prompts.answer(self._text(seq), seq.stops, req.kind == "chat")
         events = []
         if seq.stream and len(text) > seq.sent:
             events.append({"delta": text[seq.sent:]})
         result = {"done": True, "text": text, "finish_reason": seq.finish, "expert": req.expert,
                   "prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.ids)}
         if req.logprobs is not None:
-            shown = self._shown_tokens(seq.ids, text, req) if cut else len(seq.ids)
+            shown = prompts.shown_tokens(self.tokenizer, seq.ids, text, req.kind == "chat") if cut else len(seq.ids)
             result["logprobs"] = seq.logprobs[:shown]
         return events + [result]
-
-    def _shown_tokens(self, comp: list[int], text: str, req: GenRequest) -> int:
-        """How many generated tokens the returned (stop-cut) text is made of."""
-        for m in range(len(comp) + 1):
-            piece = self.tokenizer.decode(comp[:m], skip_special_tokens=True)
-            if len(piece.strip() if req.kind == "chat" else piece) >= len(text):
-                return m
-        return len(comp)
 
     def logprob_entry(self, row, token: int, k: int) -> dict:
         """Log-probabilities under the model itself (raw logits, before temperature / top-p,
@@ -538,21 +506,12 @@ class Engine(ServingEngine):
                                                for v, i in zip(top.values, top.indices)]}
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """One vector per text from the base model (adapters off, z = 1): the mean of the last
-        hidden layer over the text's tokens (padding masked), L2-normalised. Decoder LMs have
-        no pooled output; mean pooling is the usual choice and needs no extra weights.
-        Returns (vectors, input tokens)."""
-        import torch
+        """Base-model vectors (adapters off, z = 1), mean-pooled (raylib.serve.embedding)."""
+        from raylib.serve.embedding import mean_pooled
 
         with self.lock:
             model, extra = self._select(BASE, [BASE] * len(texts))
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
-            with torch.no_grad():
-                out = model(**enc, output_hidden_states=True, **extra)
-            hidden = out.hidden_states[-1].float()
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            vectors = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
-        return vectors.tolist(), int(enc["attention_mask"].sum())
+            return mean_pooled(model, self.tokenizer, texts, **extra)
 
 
 def _delete_adapter(pm, name: str) -> None:
@@ -562,9 +521,3 @@ def _delete_adapter(pm, name: str) -> None:
     if name in getattr(pm, "active_adapters", []) and others:
         pm.set_adapter(others[0])
     pm.delete_adapter(name)
-
-
-def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
-    """`text` up to the first stop string, and whether one was found."""
-    first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:first], True) if first >= 0 else (text, False)

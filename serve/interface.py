@@ -1,7 +1,8 @@
 """The interface an expert replica (serve/expert.py) uses, whatever engine generates.
 
-`Engine` (serve/engine.py: HF models, continuous batching) implements it; a vLLM engine is the
-other implementation issue 15 plans (not in this tree yet). An engine answers requests
+Two implementations: `Engine` (serve/engine.py: transformers/PEFT, raylib's continuous
+batching; everything raylib trains) and `VLLMEngine` (serve/vllm_engine.py: vLLM's AsyncLLM;
+LoRA/QLoRA, full and merged experts). serve/expert.py picks one per replica. An engine answers requests
 asynchronously through `submit`: events go to a callback, so a replica's event loop, a test or
 a benchmark can wait on them its own way; `generate` and `stream` are the blocking forms.
 """
@@ -21,6 +22,11 @@ Sink = Callable[[dict], None]
 
 
 class ServingEngine(ABC):
+    #: "hf" | "vllm": what a replica's info() reports
+    name: str = ""
+    #: seconds the engine took to load its models
+    load_s: float = 0.0
+
     @abstractmethod
     def submit(self, req: "GenRequest | dict", sink: Sink, stream: bool = False) -> object:
         """Start answering `req`; `sink` gets its events, from any thread, the last one not a
