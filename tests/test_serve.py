@@ -500,6 +500,8 @@ def test_multi_deployment_gives_the_single_device_greedy_answers(app, multi_app)
 
 @pytest.mark.slow
 def test_killing_an_expert_replica_loses_no_request(multi_app, capsys):
+    """1000 requests from 4 clients, an expert replica SIGKILLed among them: none fails (the
+    router retries, then falls back), and the restarted replica answers again."""
     from ray import serve
 
     handle = serve.get_deployment_handle("expert-arithmetic", app_name="multi")
@@ -514,24 +516,23 @@ def test_killing_an_expert_replica_loses_no_request(multi_app, capsys):
             except Exception as exc:  # a connection error counts as a failure too
                 results.append((str(exc), None, None))
 
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(4)]
+    [t.start() for t in threads]
     time.sleep(3)
     os.kill(old_pid, signal.SIGKILL)
     killed_at = len(results)
-    deadline = time.time() + 240
+    deadline = time.time() + 400
     new_pid = None
-    while time.time() < deadline:  # Serve notices the death and starts a new replica
-        try:
-            new_pid = handle.info.remote().result(timeout_s=10)["pid"]
-            if new_pid != old_pid:
-                break
-        except Exception:
-            pass
-        time.sleep(2)
+    while time.time() < deadline and not (new_pid not in (None, old_pid) and len(results) >= 1000):
+        if new_pid in (None, old_pid):  # Serve notices the death and starts a new replica
+            try:
+                new_pid = handle.info.remote().result(timeout_s=10)["pid"]
+            except Exception:
+                pass
+        time.sleep(1)
     time.sleep(3)
     stop.set()
-    thread.join(timeout=120)
+    [t.join(timeout=120) for t in threads]
     failed = [r for r in results if r[0] != 200]
     fallbacks = sum(1 for r in results if r[2])
     with urllib.request.urlopen(urllib.request.Request(f"{multi_app['url']}/v1/stats",
@@ -543,8 +544,8 @@ def test_killing_an_expert_replica_loses_no_request(multi_app, capsys):
               f"replica pid {old_pid} -> {new_pid}")
     assert new_pid and new_pid != old_pid
     assert not failed, failed[:3]
-    assert len(results) > killed_at + 3
-    assert any(r[1] == "arithmetic" for r in results[-3:])  # the restarted expert answers again
+    assert len(results) >= 1000
+    assert any(r[1] == "arithmetic" for r in results[-8:])  # the restarted expert answers again
 
 
 # --------------------------------------------------------------------------- experts into the running app
