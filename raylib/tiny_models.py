@@ -302,3 +302,41 @@ def _pretrain(model_dir: str, work_dir: str, steps: int, seed: int, instruct: bo
     session = PlainSession(os.path.join(work_dir, "ckpt"))
     run(job, session)
     return os.path.join(session.reports[-1]["checkpoint"], "expert")
+
+
+# --------------------------------------------------------------------------- serving engines' test model
+
+def build_serving_llama(work: str, name: str, *, hidden_size: int, intermediate_size: int, layers: int, heads: int,
+                        kv_heads: int, head_dim: int, loras: dict[str, int], rank: int) -> str:
+    """A random-weight Llama with the project tokenizer at `work/name`, and random LoRA experts
+    of it on q/v (`loras`: expert name -> seed; written as raylib experts, template plain, at
+    `work/<expert>`). What the serving engines are compared on (tests/test_vllm_engine.py,
+    jobs/bench/serve_load.py): head_dim >= 32 because vLLM's CPU attention takes no less, and
+    `init_lora_weights=False` so every expert changes the answers. Returns the base's path."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raylib.experts import ExpertInfo, write_expert_json
+    from raylib.noise import quiet_libraries
+    from raylib.synthetic import tokenizer_corpus
+
+    quiet_libraries("cpu")
+    path = os.path.join(work, name)
+    tok = build_tokenizer(tokenizer_corpus(seed=0), VOCAB)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      head_dim=head_dim, max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    for expert, seed in loras.items():
+        torch.manual_seed(seed)
+        lora = get_peft_model(LlamaForCausalLM.from_pretrained(path),
+                              LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"],
+                                         init_lora_weights=False))
+        lora.save_pretrained(os.path.join(work, expert))
+        write_expert_json(os.path.join(work, expert),
+                          ExpertInfo(method="lora", base_model=path, domain=expert, template="plain"))
+    return path

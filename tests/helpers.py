@@ -154,3 +154,32 @@ def stray_stderr(stderr: str) -> list[str]:
             continue
         bad.append(raw)
     return bad
+
+
+class RequestLoop:
+    """Clients that call `send()` over and over, from `threads` threads, until the block ends;
+    `results` holds each call's return value, or ("error", text) when it raised (a connection
+    error counts as a failed request). What the replica-kill and run-time-expert tests count."""
+
+    def __init__(self, send, threads: int = 1):
+        import threading
+
+        self.send, self.results, self.stop = send, [], threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.results.append(self.send(len(self.results)))
+            except Exception as exc:  # noqa: BLE001 - a failed request is a result
+                self.results.append(("error", str(exc)))
+
+    def __enter__(self) -> "RequestLoop":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)

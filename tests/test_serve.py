@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
-from helpers import free_port, job_dict, run_cli
+from helpers import RequestLoop, free_port, job_dict, run_cli
 
 API_KEY = "test-key-123"
 DOMAINS = ("arithmetic", "strings", "comparison")
@@ -506,35 +505,28 @@ def test_killing_an_expert_replica_loses_no_request(multi_app, capsys):
 
     handle = serve.get_deployment_handle("expert-arithmetic", app_name="multi")
     old_pid = handle.info.remote().result(timeout_s=60)["pid"]
-    results, stop = [], threading.Event()
 
-    def loop():
-        while not stop.is_set():
-            try:
-                status, body, _ = _chat(multi_app["url"], PROMPTS["arithmetic"][len(results) % 3], max_tokens=4)
-                results.append((status, body.get("expert"), body.get("routing", {}).get("fallback")))
-            except Exception as exc:  # a connection error counts as a failure too
-                results.append((str(exc), None, None))
+    def send(i: int):
+        status, body, _ = _chat(multi_app["url"], PROMPTS["arithmetic"][i % 3], max_tokens=4)
+        return status, body.get("expert"), body.get("routing", {}).get("fallback")
 
-    threads = [threading.Thread(target=loop, daemon=True) for _ in range(4)]
-    [t.start() for t in threads]
-    time.sleep(3)
-    os.kill(old_pid, signal.SIGKILL)
-    killed_at = len(results)
-    deadline = time.time() + 400
-    new_pid = None
-    while time.time() < deadline and not (new_pid not in (None, old_pid) and len(results) >= 1000):
-        if new_pid in (None, old_pid):  # Serve notices the death and starts a new replica
-            try:
-                new_pid = handle.info.remote().result(timeout_s=10)["pid"]
-            except Exception:
-                pass
-        time.sleep(1)
-    time.sleep(3)
-    stop.set()
-    [t.join(timeout=120) for t in threads]
+    with RequestLoop(send, threads=4) as clients:
+        results = clients.results
+        time.sleep(3)
+        os.kill(old_pid, signal.SIGKILL)
+        killed_at = len(results)
+        deadline = time.time() + 400
+        new_pid = None
+        while time.time() < deadline and not (new_pid not in (None, old_pid) and len(results) >= 1000):
+            if new_pid in (None, old_pid):  # Serve notices the death and starts a new replica
+                try:
+                    new_pid = handle.info.remote().result(timeout_s=10)["pid"]
+                except Exception:
+                    pass
+            time.sleep(1)
+        time.sleep(3)
     failed = [r for r in results if r[0] != 200]
-    fallbacks = sum(1 for r in results if r[2])
+    fallbacks = sum(1 for r in results if r[0] == 200 and r[2])
     with urllib.request.urlopen(urllib.request.Request(f"{multi_app['url']}/v1/stats",
                                                        headers={"authorization": f"Bearer {API_KEY}"})) as r:
         stats = json.loads(r.read())
@@ -622,32 +614,25 @@ def test_experts_join_and_leave_the_running_app(app, more_experts):
     """POST /admin/experts while a client loop is sending requests: no request fails, the new
     expert answers when named, is listed with its expert.json metrics, and can be removed."""
     url = app["url"]
-    results, stop = [], threading.Event()
+    texts = [p for ps in PROMPTS.values() for p in ps]
 
-    def loop():
-        texts = [p for ps in PROMPTS.values() for p in ps]
-        while not stop.is_set():
-            try:
-                status, body, _ = _chat(url, texts[len(results) % len(texts)], max_tokens=4)
-                results.append((status, body.get("expert")))
-            except Exception as exc:  # a connection error counts as a failure too
-                results.append((str(exc), None))
+    def send(i: int):
+        status, body, _ = _chat(url, texts[i % len(texts)], max_tokens=4)
+        return status, body.get("expert")
 
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    time.sleep(2)
-    before = len(results)
-    t0 = time.perf_counter()
-    body = {"name": "arith_lora", "path": "file://" + more_experts["arith_lora"]}
-    status, added = _req(url, "POST", "/admin/experts", body)
-    add_s = time.perf_counter() - t0
-    assert status == 201, added
-    assert added["method"] == "lora" and added["shared_base"] is True and added["deployment"] == "experts"
-    status, body, headers = _chat(url, PROMPTS["arithmetic"][0], model="arith_lora")
-    assert status == 200 and body["expert"] == "arith_lora" and headers["x-raylib-expert"] == "arith_lora", body
-    time.sleep(1)
-    stop.set()
-    thread.join(timeout=120)
+    with RequestLoop(send) as clients:
+        results = clients.results
+        time.sleep(2)
+        before = len(results)
+        t0 = time.perf_counter()
+        body = {"name": "arith_lora", "path": "file://" + more_experts["arith_lora"]}
+        status, added = _req(url, "POST", "/admin/experts", body)
+        add_s = time.perf_counter() - t0
+        assert status == 201, added
+        assert added["method"] == "lora" and added["shared_base"] is True and added["deployment"] == "experts"
+        status, body, headers = _chat(url, PROMPTS["arithmetic"][0], model="arith_lora")
+        assert status == 200 and body["expert"] == "arith_lora" and headers["x-raylib-expert"] == "arith_lora", body
+        time.sleep(1)
     failed = [r for r in results if r[0] != 200]
     assert not failed, failed[:3]
     assert len(results) > before + 1 and {r[1] for r in results} >= set(DOMAINS)

@@ -25,36 +25,14 @@ PROMPT = "What is 12 + 7? =>"
 
 
 def build_vllm_models(work: str) -> dict:
-    """A head_dim-32 Llama with the project tokenizer, LoRA experts a and b, and `full`
-    (a merged into the base): name -> dir."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from raylib.experts import ExpertInfo, write_expert_json
+    """A head_dim-32 Llama, LoRA experts a and b, and `full` (a merged into the base): name -> dir."""
     from raylib.export import merge_expert
-    from raylib.synthetic import tokenizer_corpus
-    from raylib.tiny_models import build_tokenizer
+    from raylib.tiny_models import build_serving_llama
 
-    base = os.path.join(work, "llama-hd32")
-    tok = build_tokenizer(tokenizer_corpus(seed=0), 512)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(base)
-    tok.save_pretrained(base)
-    out = {"base": base}
-    for i, name in enumerate(["a", "b"]):
-        torch.manual_seed(10 + i)
-        lora = get_peft_model(LlamaForCausalLM.from_pretrained(base),
-                              LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-        out[name] = os.path.join(work, name)
-        lora.save_pretrained(out[name])
-        write_expert_json(out[name], ExpertInfo(method="lora", base_model=base, domain=name, template="plain"))
-    out["full"] = merge_expert(out["a"], os.path.join(work, "full"))
-    return out
+    base = build_serving_llama(work, "llama-hd32", hidden_size=128, intermediate_size=256, layers=2, heads=4,
+                               kv_heads=2, head_dim=32, loras={"a": 10, "b": 11}, rank=8)
+    return {"base": base, "a": os.path.join(work, "a"), "b": os.path.join(work, "b"),
+            "full": merge_expert(os.path.join(work, "a"), os.path.join(work, "full"))}
 
 
 @needs_vllm

@@ -43,36 +43,13 @@ PROMPTS = ["What is 12 + 7? =>", "Reverse the word lamp =>", "Which is larger: 3
 
 def build_model(work: str) -> str:
     """The ~26M-parameter Llama (random weights) and 4 LoRA experts of it, built once."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from raylib.experts import ExpertInfo, write_expert_json
-    from raylib.tiny_models import build_tokenizer
-    from raylib.noise import quiet_libraries
-    from raylib.synthetic import tokenizer_corpus
+    from raylib.tiny_models import build_serving_llama
 
     path = os.path.join(work, "llama-26m")
-    if os.path.isfile(os.path.join(path, "done")):
-        return path
-    quiet_libraries("cpu")
-    tok = build_tokenizer(tokenizer_corpus(seed=0), 512)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    for i in range(ADAPTERS):
-        torch.manual_seed(100 + i)
-        lora = get_peft_model(LlamaForCausalLM.from_pretrained(path),
-                              LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"],
-                                         init_lora_weights=False))
-        out = os.path.join(work, f"lora-{i}")
-        lora.save_pretrained(out)
-        write_expert_json(out, ExpertInfo(method="lora", base_model=path, domain=f"d{i}", template="plain"))
-    open(os.path.join(path, "done"), "w").close()
+    if not os.path.isfile(os.path.join(path, "done")):
+        build_serving_llama(work, "llama-26m", hidden_size=512, intermediate_size=1408, layers=8, heads=8, kv_heads=2,
+                            head_dim=64, loras={f"lora-{i}": 100 + i for i in range(ADAPTERS)}, rank=16)
+        open(os.path.join(path, "done"), "w").close()
     return path
 
 
