@@ -80,7 +80,9 @@ class Batching(_Strict):
 
 
 class VLLMSettings(_Strict):
-    """The vLLM engine's settings (serve/vllm_engine.py VLLMOptions)."""
+    """The vLLM engine's settings (serve/vllm_engine.py): adapters batched together, the largest
+    LoRA rank (None: the experts' largest, at least 16), KV cache bytes per model, context length
+    (None: the model's), eager mode (no compile warm-up)."""
 
     max_loras: PositiveInt = 4
     max_lora_rank: PositiveInt | None = None

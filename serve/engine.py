@@ -42,7 +42,6 @@ from typing import Any
 
 from raylib.serve import prompts
 from raylib.serve.interface import ServingEngine, Sink
-from raylib.serve.prompts import cut as _cut
 from raylib.serve.requests import GenRequest
 from raylib.serve.scheduler import Scheduler, Sequence
 
@@ -468,7 +467,7 @@ class Engine(ServingEngine):
         return self._select(names[0], names)
 
     def stopped(self, seq: Sequence) -> bool:
-        return bool(seq.stops) and _cut(self._text(seq), seq.stops)[1]
+        return bool(seq.stops) and prompts.cut(self._text(seq), seq.stops)[1]
 
     def _text(self, seq: Sequence) -> str:
         return self.tokenizer.decode(seq.ids, skip_special_tokens=True)

@@ -35,24 +35,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from raylib.serve import prompts
+from raylib.serve.config import BASE, VLLMSettings
 from raylib.serve.interface import ServingEngine, Sink
 from raylib.serve.requests import GenRequest
 
 log = logging.getLogger("raylib.serve")
 
-BASE = "base"
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for max_lora_rank
-
-
-@dataclass
-class VLLMOptions:
-    """vLLM engine settings of a replica (the serve config's `vllm`, serve/config.py VLLMSettings)."""
-
-    max_loras: int = 4  # adapters that batch together (more stay in CPU memory and swap in)
-    max_lora_rank: int | None = None  # None: the largest rank among the experts (at least 16)
-    kv_cache_bytes: int = 1 << 30  # KV cache size per model (host memory on CPU)
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    enforce_eager: bool = True  # no CUDA graphs / torch.compile warm-up (fast start, tests)
 
 
 @dataclass
@@ -67,7 +56,7 @@ class _Slot:
 class _Flight:
     expert: str
     sink: Sink
-    future: Future
+    future: Future | None = None  # the request's coroutine on the engine's loop
     silenced: bool = False  # removed/cancelled: no more events
 
 
@@ -78,11 +67,11 @@ class VLLMEngine(ServingEngine):
 
     def __init__(self, base_model: str, experts: dict[str, str], base_template: str = "alpaca",
                  dtype: str = "auto", include_base: bool = True, max_batch_size: int = 8,
-                 options: VLLMOptions | dict | None = None, batch_wait_timeout_s: float = 0.0, mix_cache: int = 0):
+                 options: VLLMSettings | dict | None = None, batch_wait_timeout_s: float = 0.0, mix_cache: int = 0):
+        # batch_wait_timeout_s, mix_cache: the HF engine's settings, taken so replicas pass one set
         from raylib.config import ModelConfig
         from raylib.experts import read_expert
         from raylib.models import load_tokenizer
-
         from raylib.noise import quiet_vllm
 
         quiet_vllm()
@@ -93,7 +82,7 @@ class VLLMEngine(ServingEngine):
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         importlib.import_module("vllm")  # ImportError: the caller decides between an error and the HF engine
 
-        self.options = options if isinstance(options, VLLMOptions) else VLLMOptions(**(options or {}))
+        self.options = options if isinstance(options, VLLMSettings) else VLLMSettings(**(options or {}))
         self.base_model, self.base_template, self.dtype = base_model, base_template, dtype
         self.max_batch_size = max_batch_size
         self.tokenizer = load_tokenizer(ModelConfig(path=base_model, dtype=dtype))
@@ -127,8 +116,8 @@ class VLLMEngine(ServingEngine):
         tokenizer = model if os.path.isfile(os.path.join(model, "tokenizer_config.json")) else self.base_model
         o = self.options
         kw = dict(model=model, tokenizer=tokenizer, dtype=_vllm_dtype(self.dtype), max_num_seqs=self.max_batch_size,
-                  kv_cache_memory_bytes=o.kv_cache_bytes, enforce_eager=o.enforce_eager, disable_log_stats=True, use_tqdm_on_load=False,
-                  seed=0)
+                  kv_cache_memory_bytes=o.kv_cache_bytes, enforce_eager=o.enforce_eager, disable_log_stats=True,
+                  use_tqdm_on_load=False, seed=0)
         if o.max_model_len:
             kw["max_model_len"] = o.max_model_len
         if lora:
@@ -146,8 +135,8 @@ class VLLMEngine(ServingEngine):
         without an adapter has index -1: Python indexing gives it the *last* adapter slot's
         weights once every slot is in use (the base model's answers change as adapters come
         and go; found by tests/test_vllm_engine.py). On CPU the base therefore answers through
-        an all-zero LoRA, so no row has index -1 (vLLM gets one more adapter slot for it,
-        `_lora_slots`). GPU kernels handle -1 and need none of this."""
+        an all-zero LoRA, so no row has index -1 (vLLM gets one more adapter slot for it, in
+        `_args`). GPU kernels handle -1 and need none of this."""
         from vllm.lora.request import LoRARequest
 
         if not _is_cpu():
@@ -199,7 +188,8 @@ class VLLMEngine(ServingEngine):
             if flight.expert == name and not flight.silenced:
                 flight.silenced = True
                 flight.sink({"error": f"expert {name!r} was removed while this request ran"})
-                flight.future.cancel()
+                if flight.future is not None:
+                    flight.future.cancel()
         if slot is None:
             return False
         if slot.lora is not None:
@@ -240,7 +230,7 @@ class VLLMEngine(ServingEngine):
     def submit(self, raw: "GenRequest | dict", sink: Sink, stream: bool = False) -> str:
         req = GenRequest.of(raw)
         rid = f"r{next(self._ids)}"
-        flight = _Flight(req.expert, sink, Future())
+        flight = _Flight(req.expert, sink)
         self._flights[rid] = flight
         flight.future = asyncio.run_coroutine_threadsafe(self._answer(rid, req, flight, stream), self._loop)
         return rid
@@ -249,7 +239,8 @@ class VLLMEngine(ServingEngine):
         flight = self._flights.get(handle)
         if flight is not None:
             flight.silenced = True
-            flight.future.cancel()  # cancels the task: AsyncLLM.generate aborts the request
+            if flight.future is not None:
+                flight.future.cancel()  # cancels the task: AsyncLLM.generate aborts the request
 
     async def _answer(self, rid: str, req: GenRequest, flight: _Flight, stream: bool) -> None:
         def emit(event: dict) -> None:
