@@ -196,6 +196,8 @@ class JobConfig(_Strict):
             self.train.optimizer = method.default_optimizer
         if not method.supports_packing and "packing" not in self.data.model_fields_set:
             self.data.packing = False
+        if method.default_lr is not None and "lr" not in self.train.model_fields_set:
+            self.train.lr = method.default_lr
         return self
 
     @property

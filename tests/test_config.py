@@ -31,6 +31,15 @@ def test_qlora_defaults_to_nf4_and_paged_adamw(base):
     assert job.model.quantization == "nf4" and job.train.optimizer == "paged_adamw_8bit"
 
 
+def test_svf_gets_its_own_learning_rate_unless_the_job_sets_one(base):
+    """z scales singular values around 1: at the schema's LoRA-scale 2e-4 it barely moves."""
+    assert validate_job(base).train.lr == 2e-4
+    base["method"] = {"name": "svf"}
+    assert validate_job(base).train.lr == 0.05
+    base["train"] = {"lr": 0.1}
+    assert validate_job(base).train.lr == 0.1
+
+
 @pytest.mark.parametrize(
     "mutate, expected",
     [

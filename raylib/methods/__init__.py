@@ -76,6 +76,8 @@ class Method(ABC):
 
     #: False for methods that cannot train on packed sequences (data.packing defaults to off)
     supports_packing: ClassVar[bool] = True
+    #: train.lr when the job gives none (None: the schema's 2e-4, a LoRA-scale step)
+    default_lr: ClassVar[float | None] = None
 
     # Serving capabilities (raylib.serve reads these; it checks no method names).
     #: the expert generates text (heads experts classify)

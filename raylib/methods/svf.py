@@ -304,6 +304,10 @@ class SVF(Method):
     name = "svf"
     Options = SVFOptions
     serve_sharing = "z"
+    #: z starts at 1 and scales singular values: a useful change is tens of percent, so its
+    #: step is ~100x LoRA's (the SFT rate jobs/bench/svf_quality.py measures; the RL examples
+    #: set 0.02)
+    default_lr = 0.05
 
     def check(self, job) -> None:
         from raylib.errors import ConfigError
