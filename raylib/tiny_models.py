@@ -155,17 +155,27 @@ TINY_DEFAULTS = dict(
 )
 
 #: the instruct base (`raylib tiny --instruct`, the SVF test's and `jobs/bench/svf_quality.py`'s
-#: base): 4 layers of 128 (870k parameters), pretrained on every domain in a plain format
-#: ("What is 3 + 4? => 7", always right) and in the alpaca template, where 2 of 3 answers apply
-#: the domain's other operation (reverse <-> uppercase, larger <-> smaller, + <-> -). So it has
-#: the skills but in the template mostly does the wrong thing: low exact match on every CPU,
-#: with the skill there for an expert to elicit (Transformer²'s premise). Recipe 1 (the
-#: template with right answers only) left its per-domain skill to the CPU's float kernels:
-#: strings at 0.81 on an AVX512-BF16 CPU and 1.0 on an AVX2 one, where SVF could not beat it.
+#: base): 4 layers of 128 (870k parameters), pretrained for 800 steps on 40k rows of every
+#: domain, half in a plain format ("What is 3 + 4? => 7", always right) and half in the
+#: alpaca template, where one answer in two applies the domain's other operation (reverse <->
+#: uppercase, larger <-> smaller, + <-> -). So in the template the instruction tells it
+#: nothing: it can do the tasks there (strings 1.0 and comparison 0.70 in the plain format on
+#: this machine) but picks either operation, and an expert that teaches it to read the
+#: instruction again elicits a skill that is there (Transformer²'s premise). Arithmetic stays
+#: weak (0.13 in the plain format): 800 steps do not teach 2-digit sums with carries.
+#: Earlier recipes: recipe 1 (the template with right answers only) had strings at 0.81 on an
+#: AVX512-BF16 CPU and 1.0 on an AVX2 one; recipe 2 (4000 rows, 2 of 3 answers swapped)
+#: memorized its rows and learned neither arithmetic nor comparison (0.07 and 0.24 in the plain
+#: format), so LoRA, which learns new skill, stayed far above SVF. Tried and not taken (one
+#: seed, this machine): a first phase of 1000 steps on 300k plain rows teaches arithmetic (0.82)
+#: and SVF then beats the base by 0.2 on arithmetic and comparison, but that base answers each
+#: strings word by rote whatever the instruction, and every SVF expert (mlp, attn, all-linear,
+#: Adam at lr 0.01-0.05, SGD) fell below it on the unseen test words.
 INSTRUCT_TINY = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2)
-INSTRUCT_PRETRAIN_STEPS = 800
-INSTRUCT_RECIPE = 2  # 2: the template's answers swap the domain's operation in 2 of 3 rows
+INSTRUCT_PHASES = [{"steps": 800, "rows": 40_000, "lr": 3e-3, "template": True}]
+INSTRUCT_PRETRAIN_STEPS = sum(p["steps"] for p in INSTRUCT_PHASES)
+INSTRUCT_RECIPE = 3  # 3: 40k rows (recipe 2: 4000), the template's answers swapped in 1 of 2 rows (2: 2 of 3)
 
 
 def build_instruct_tiny(out_dir: str, seed: int = 0) -> str:
@@ -272,30 +282,39 @@ def _build_tiny(out_dir: str, settings: dict, seed: int, pretrain_steps: int) ->
 
 
 def _pretrain(model_dir: str, work_dir: str, steps: int, seed: int, instruct: bool = False) -> str:
-    """Full fine-tuning on plain-text tasks with the raylib loop; returns the model dir."""
+    """Full fine-tuning on the synthetic tasks with the raylib loop; returns the model dir.
+
+    The default base: `steps` steps on 4000 plain rows. The instruct base: the phases of
+    `INSTRUCT_PHASES` in turn, each from the last one's weights (`steps` is their total)."""
+    phases = INSTRUCT_PHASES if instruct else [{"steps": steps, "rows": 4000, "lr": 3e-3, "template": False}]
+    src = model_dir
+    for i, phase in enumerate(phases):
+        src = _pretrain_phase(src, os.path.join(work_dir, f"phase{i}"), seed, i, **phase)
+    return src
+
+
+def _pretrain_phase(model_dir: str, work_dir: str, seed: int, phase: int, *, steps: int, rows: int, lr: float,
+                    template: bool) -> str:
     from raylib.config import validate_job
     from raylib.data import ALPACA
     from raylib.synthetic import make_rows, swapped_answer, write_jsonl
     from raylib.train_loop import PlainSession, run
 
-    # instruct=True: half the rows in the instruction template the jobs use, and in 2 of 3 of
-    # those the answer applies the domain's other operation (synthetic.swapped_answer). The
-    # base so has each skill (the plain rows are always right) and a habit in the template
-    # that hides it: a gap between what it can do and what it does that does not depend on
-    # the CPU's float kernels, which is what a domain expert closes (INSTRUCT_TINY)
+    # template=True: half the rows in the instruction template the jobs use, and in one of two
+    # of those the answer applies the domain's other operation (synthetic.swapped_answer)
     def text(i: int, r: dict) -> str:
-        if instruct and i % 2 == 0:
-            answer = swapped_answer(r) if (i // 2) % 3 else r["output"]
+        if template and i % 2 == 0:
+            answer = swapped_answer(r) if (i // 2) % 2 == 0 else r["output"]
             return ALPACA.prompt(r["instruction"], r["input"]) + answer + ALPACA.end
         return f"{r['instruction']} {r['input']} => {r['output']}".replace("  ", " ")
 
-    rows = [{"text": text(i, r)} for i, r in enumerate(make_rows(4000, seed=seed + 777))]
-    corpus = write_jsonl(rows, os.path.join(work_dir, "corpus.jsonl"))
+    texts = [{"text": text(i, r)} for i, r in enumerate(make_rows(rows, seed=seed + 777 + phase))]
+    corpus = write_jsonl(texts, os.path.join(work_dir, "corpus.jsonl"))
     job = validate_job({
         "model": {"path": model_dir},
         "data": {"train": corpus, "template": "plain", "max_length": 256, "eval_split": 0},
         "method": {"name": "full"},
-        "train": {"lr": 3e-3, "max_steps": steps, "batch_size": 16, "checkpoint_every": 0,
+        "train": {"lr": lr, "max_steps": steps, "batch_size": 16, "checkpoint_every": 0,
                   "warmup_ratio": 0.05, "seed": seed},
         "output": {"dir": os.path.join(work_dir, "pretrain")},
     }, source="tiny pretraining")

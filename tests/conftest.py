@@ -26,9 +26,10 @@ def tiny_model() -> str:
 
 @pytest.fixture(scope="session")
 def instruct_tiny_model() -> str:
-    """A tiny base pretrained partly in the alpaca template (about 6.5 minutes on 2 cores,
-    once per machine): it follows the format with a modest skill per domain, which SVF, only
-    rescaling singular values, can sharpen. The default tiny base never saw the template."""
+    """A tiny base pretrained half in the alpaca template (about 6.5 minutes on 2 cores, once
+    per machine): it has every domain's skill, but in the template picks the asked operation
+    only half the time, which SVF, only rescaling singular values, can fix
+    (`tiny_models.INSTRUCT_TINY`). The default tiny base never saw the template."""
     from raylib.tiny_models import build_instruct_tiny
 
     return build_instruct_tiny(os.path.join(CACHE, "tiny-llama-instruct"))

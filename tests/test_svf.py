@@ -171,20 +171,16 @@ def test_svf_sft_trains_only_z_and_resumes_exactly(tiny_model, demo_data, tmp_pa
 def test_one_svf_expert_per_domain_beats_the_base(instruct_tiny_model, tmp_path):
     """The domains' SVF experts beat the base on their held-out test splits (no test prompt,
     and for strings no test word, is a training prompt): none is worse than the base, the mean
-    gain is at least 0.1 exact match and at least two domains gain 0.05 or more.
+    gain is at least 0.15 exact match and two domains gain 0.15 or more.
 
-    The instruct base has every skill but mostly the wrong habit in the template
-    (`tiny_models.INSTRUCT_TINY`). SVF only rescales singular values, so a domain's ceiling is the
-    skill the base was built with, and the base is built on the machine running the suite:
-    its arithmetic differs with the CPU's float kernels. Measured (these settings): on an AVX2
-    EPYC, svf_quality.py over 3 seeds, arithmetic 0.032 -> 0.167, strings 0.207 -> 0.380,
-    comparison 0.250 -> 0.570; on an AVX-512 EPYC, arithmetic 0.015 -> 0.035 (0.05 at 600
-    steps, 0.04 at lr 0.1), strings 0.255 -> 0.42, comparison 0.185 -> 0.44. So a per-domain
-    margin on arithmetic would test the CPU, not SVF. Those were at lr 0.05; on a third
-    machine (AVX-512, 2026-12-04) whose base has strings at 0.36, lr 0.05 over-fits the
-    training words: strings 0.475 after 100 steps, 0.22 after 300 (below the base), while at
-    lr 0.02 and 300 steps arithmetic 0.035 -> 0.12, strings 0.36 -> 0.405, comparison
-    0.245 -> 0.555. Hence lr 0.02."""
+    The instruct base can do the tasks but in the template picks either operation
+    (`tiny_models.INSTRUCT_TINY`); SVF only rescales singular values, so a domain's ceiling is
+    the skill the base has. Its arithmetic is weak (0.13 in the plain format), which caps that
+    domain's gain, and leaves it to float details: with these settings on an AVX-512 EPYC,
+    arithmetic 0.095 -> 0.11 with 2 torch threads here and -> 0.155 with 1 (the benchmark's;
+    the base itself is bit-identical either way), strings 0.600 -> 0.875, comparison
+    0.280 -> 0.575; over seeds 0-2 (1 thread) the worst margins were +0.06, +0.22 and +0.285.
+    So no margin is asserted per domain. At lr 0.02: +0.035, +0.115, +0.31."""
     from raylib.evaluation import exact_match
     from raylib.synthetic import DOMAINS, write_dataset
 
@@ -193,11 +189,13 @@ def test_one_svf_expert_per_domain_beats_the_base(instruct_tiny_model, tmp_path)
     results = {}
     for domain in DOMAINS:
         data = write_dataset(str(tmp_path / domain), n_train=800, n_eval=200, domains=[domain], held_out=True)
-        job = validate_job(job_dict(tiny_model, data, str(tmp_path / f"o-{domain}"),
-                                    method={"name": "svf", "targets": "all-linear", "cache_dir": str(tmp_path / "c")},
-                                    train={"max_steps": 300, "checkpoint_every": 0, "eval_every": 0, "lr": 0.02,
-                                           "batch_size": 8, "lr_scheduler": "constant"},
-                                    output={"domain": domain}))
+        raw = job_dict(tiny_model, data, str(tmp_path / f"o-{domain}"),
+                       method={"name": "svf", "targets": "all-linear", "cache_dir": str(tmp_path / "c")},
+                       train={"max_steps": 300, "checkpoint_every": 0, "eval_every": 0, "batch_size": 8,
+                              "lr_scheduler": "constant", "seed": 0},
+                       output={"domain": domain})
+        del raw["train"]["lr"]  # SVF's default learning rate
+        job = validate_job(raw)
         session = PlainSession(str(tmp_path / f"ck-{domain}"))
         run(job, session)
         tok = load_tokenizer(job.model)
@@ -207,8 +205,8 @@ def test_one_svf_expert_per_domain_beats_the_base(instruct_tiny_model, tmp_path)
         results[domain] = (base_em, exact_match(expert, tok, rows))
     print("exact match (base, expert):", results)
     gains = [e - b for b, e in results.values()]
-    assert min(gains) >= 0 and sum(gains) / len(gains) >= 0.1, results
-    assert sum(g >= 0.05 for g in gains) >= 2, results
+    assert min(gains) >= 0 and sum(gains) / len(gains) >= 0.15, results
+    assert sum(g >= 0.15 for g in gains) >= 2, results
 
 
 @pytest.mark.parametrize("forward", ["rebuild", "factored"])
