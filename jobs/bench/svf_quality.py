@@ -1,7 +1,8 @@
 """SVF quality: the Transformer² paper's Tables 1 and 2 at our scale, in one run.
 
     python jobs/bench/svf_quality.py [--seeds 0 1 2] [--steps 300] [--objectives sft reinforce]
-                                     [--jobs 2] [--quick]
+                                     [--jobs 2] [--quick] [--base DIR] [--domains strings ...]
+                                     [--methods lora svf-all svf-attn ...] [--lr svf-all=0.02]
 
 Base: the instruct tiny Llama (`raylib tiny --instruct`: 4 layers of 128, pretrained by
 raylib to be weak but real). Data: the synthetic domains with a held-out test split
@@ -48,11 +49,13 @@ METHODS = {
     "lora": ({"name": "lora", "r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]}, 3e-3, 1e-3),
     "svf-mlp": ({"name": "svf", "targets": "mlp"}, 0.05, 0.02),
     "svf-all": ({"name": "svf", "targets": "all-linear"}, 0.05, 0.02),
+    "svf-attn": ({"name": "svf", "targets": "attn"}, 0.05, 0.02),  # not run by default (--methods)
 }
 
 
 def job_for(base: str, data: dict, out: str, method: str, objective: str, seed: int, args) -> dict:
     section, sft_lr, rl_lr = METHODS[method]
+    sft_lr = args.lr.get(method, sft_lr) if objective == "sft" else sft_lr
     job = {
         "model": {"path": base},
         "data": {**data, "max_length": 256},
@@ -195,18 +198,24 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=800, help="training rows per domain")
     ap.add_argument("--eval-rows", type=int, default=200, help="test rows per domain (and of the unseen task)")
     ap.add_argument("--objectives", nargs="+", default=["sft", "reinforce"], choices=["sft", "reinforce"])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=["lora", "svf-mlp", "svf-all"], choices=list(METHODS))
+    ap.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
+                    help="override a method's SFT learning rate, e.g. svf-all=0.02")
+    ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS)
     ap.add_argument("--fewshot", type=int, default=24, help="CEM few-shot rows of the unseen task")
     ap.add_argument("--population", type=int, default=12)
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--no-unseen", action="store_true", help="skip Table 2")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 60 steps, 60 test rows: a smoke run")
+    ap.add_argument("--base", help="base model dir (default: `raylib tiny --instruct`, built and cached)")
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/raylib-bench/svf_quality"))
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one_run(json.loads(args.one))))
         return
+    args.lr = {k: float(v) for k, v in (item.split("=", 1) for item in args.lr)}
+    domains = tuple(args.domains)
     if args.quick:
         args.seeds, args.steps, args.eval_rows, args.population, args.iterations = [0], 60, 60, 6, 2
 
@@ -216,11 +225,11 @@ def main() -> None:
 
     quiet_libraries()
     started = time.time()
-    base = build_instruct_tiny(os.path.join(os.path.expanduser("~/.cache/raylib-tests"), "tiny-llama-instruct"))
+    base = args.base or build_instruct_tiny(os.path.join(os.path.expanduser("~/.cache/raylib-tests"), "tiny-llama-instruct"))
     run_dir = os.path.join(args.work, time.strftime("%Y%m%d-%H%M%S"))
     specs = []
     for seed in args.seeds:
-        for d in DOMAINS:
+        for d in domains:
             data = write_dataset(os.path.join(run_dir, f"data-{d}-{seed}"), args.rows, args.eval_rows, [d], seed, held_out=True)
             specs.append({"name": f"base/{d}/{seed}", "method": "base", "base": base, "test": data["eval"],
                           "out": os.path.join(run_dir, f"base-{d}-{seed}"), "key": (d, seed, "base", "-")})
@@ -236,7 +245,7 @@ def main() -> None:
 
     # ---- Table 1
     cols = ["base"] + [f"{m}/{o}" for o in args.objectives for m in args.methods]
-    table = {d: {c: [] for c in cols} for d in DOMAINS}
+    table = {d: {c: [] for c in cols} for d in domains}
     info = {}
     for (d, seed, m, o), r in results.items():
         col = "base" if m == "base" else f"{m}/{o}"
@@ -245,11 +254,11 @@ def main() -> None:
             info.setdefault(col, {"trainable": r["trainable"], "step_ms": []})["step_ms"].append(r["step_time_ms"])
     print(f"\nTable 1: exact match on each domain's test split, mean (min..max) over seeds {args.seeds}; "
           f"{args.steps} steps x {args.batch_size} rows; {platform.processor() or platform.machine()}")
-    print(f"{'method':<20}" + "".join(f"{d:>26}" for d in DOMAINS) + f"{'trainable':>11}{'step ms':>9}")
+    print(f"{'method':<20}" + "".join(f"{d:>26}" for d in domains) + f"{'trainable':>11}{'step ms':>9}")
     for c in cols:
         extra = f"{info[c]['trainable']:>11,}{statistics.median(info[c]['step_ms']):>9.1f}" if c in info else ""
-        print(f"{c:<20}" + "".join(f"{spread(table[d][c]):>26}" for d in DOMAINS) + extra)
-    margins = {c: {d: min(e - b for e, b in zip(table[d][c], table[d]["base"])) for d in DOMAINS}
+        print(f"{c:<20}" + "".join(f"{spread(table[d][c]):>26}" for d in domains) + extra)
+    margins = {c: {d: min(e - b for e, b in zip(table[d][c], table[d]["base"])) for d in domains}
                for c in cols if c != "base"}
     print("\nworst-seed margin over the base (goal for SVF: >= 0.10 on every domain):")
     for c, m in margins.items():
@@ -257,9 +266,9 @@ def main() -> None:
 
     # ---- Table 2
     unseen = {}
-    if not args.no_unseen and "sft" in args.objectives and "svf-all" in args.methods:
+    if not args.no_unseen and "sft" in args.objectives and "svf-all" in args.methods and domains == DOMAINS:
         for seed in args.seeds:
-            experts = {d: results[(d, seed, "svf-all", "sft")]["expert"] for d in DOMAINS}
+            experts = {d: results[(d, seed, "svf-all", "sft")]["expert"] for d in domains}
             row = unseen_task(base, experts, os.path.join(run_dir, f"unseen-{seed}"), seed, args)
             print(f"unseen seed {seed}: {json.dumps(row)}", file=sys.stderr)
             for k, v in row.items():
@@ -274,12 +283,12 @@ def main() -> None:
     print(f"total {time.time() - started:.0f} s")
 
     obj = "sft" if "sft" in args.objectives else args.objectives[0]  # the summary's objective
-    svf_cols = [c for c in (f"svf-mlp/{obj}", f"svf-all/{obj}") if c in table[DOMAINS[0]]]
-    best_svf = max(svf_cols, key=lambda c: sum(statistics.mean(table[d][c]) for d in DOMAINS)) if svf_cols else None
+    svf_cols = [c for c in (f"svf-mlp/{obj}", f"svf-all/{obj}") if c in table[domains[0]]]
+    best_svf = max(svf_cols, key=lambda c: sum(statistics.mean(table[d][c]) for d in domains)) if svf_cols else None
     summary = {"domains": {d: {"base": round(statistics.mean(table[d]["base"]), 4),
                                **({"lora": round(statistics.mean(table[d][f"lora/{obj}"]), 4)} if f"lora/{obj}" in table[d] else {}),
                                **({"svf": round(statistics.mean(table[d][best_svf]), 4)} if best_svf else {})}
-                           for d in DOMAINS},
+                           for d in domains},
                "svf_targets": best_svf, "seeds": args.seeds, "steps": args.steps,
                "worst_seed_margin": {c: {d: round(v, 4) for d, v in m.items()} for c, m in margins.items()}}
     if unseen:
