@@ -36,6 +36,7 @@ class RaySession:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self._sink = progress_sink
+        self._last_push = None  # the latest progress event's push (rank 0)
 
     def latest_checkpoint_dir(self) -> str | None:
         ckpt = self._train.get_checkpoint()
@@ -48,12 +49,28 @@ class RaySession:
         return ckpt.path if local else ckpt.to_directory()
 
     def report(self, metrics: dict, checkpoint_dir: str | None, name: str | None) -> None:
+        self._flush_progress()
         ckpt = self._train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         self._train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if ckpt else None)
 
     def progress(self, event: dict) -> None:
         if self._sink is not None and self.rank == 0:
-            self._sink.push.remote(event)  # fire and forget: never blocks a step
+            self._last_push = self._sink.push.remote(event)  # fire and forget: never blocks a step
+
+    def _flush_progress(self) -> None:
+        """Wait until the sink has taken every event pushed so far (one caller's calls to an
+        actor run in order, so the latest is enough). Without it the run's last step and eval
+        events could still be in flight when fit() returns and the driver closes its trackers:
+        a loaded machine lost step 6 of 6 from a W&B run."""
+        if self._last_push is None:
+            return
+        import ray
+
+        try:
+            ray.get(self._last_push, timeout=30)
+        except Exception:  # the driver is gone or shutting down: progress is best effort
+            pass
+        self._last_push = None
 
 
 class PlainSession:
