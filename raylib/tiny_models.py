@@ -173,8 +173,8 @@ TINY_DEFAULTS = dict(
 #: Adam at lr 0.01-0.05, SGD) fell below it on the unseen test words.
 INSTRUCT_TINY = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2)
-INSTRUCT_PHASES = [{"steps": 800, "rows": 40_000, "lr": 3e-3, "template": True}]
-INSTRUCT_PRETRAIN_STEPS = sum(p["steps"] for p in INSTRUCT_PHASES)
+INSTRUCT_PRETRAIN_STEPS = 800
+INSTRUCT_PRETRAIN_ROWS = 40_000  # the default base: 4000
 INSTRUCT_RECIPE = 3  # 3: 40k rows (recipe 2: 4000), the template's answers swapped in 1 of 2 rows (2: 2 of 3)
 
 
@@ -282,39 +282,28 @@ def _build_tiny(out_dir: str, settings: dict, seed: int, pretrain_steps: int) ->
 
 
 def _pretrain(model_dir: str, work_dir: str, steps: int, seed: int, instruct: bool = False) -> str:
-    """Full fine-tuning on the synthetic tasks with the raylib loop; returns the model dir.
-
-    The default base: `steps` steps on 4000 plain rows. The instruct base: the phases of
-    `INSTRUCT_PHASES` in turn, each from the last one's weights (`steps` is their total)."""
-    phases = INSTRUCT_PHASES if instruct else [{"steps": steps, "rows": 4000, "lr": 3e-3, "template": False}]
-    src = model_dir
-    for i, phase in enumerate(phases):
-        src = _pretrain_phase(src, os.path.join(work_dir, f"phase{i}"), seed, i, **phase)
-    return src
-
-
-def _pretrain_phase(model_dir: str, work_dir: str, seed: int, phase: int, *, steps: int, rows: int, lr: float,
-                    template: bool) -> str:
+    """Full fine-tuning on the synthetic tasks with the raylib loop; returns the model dir."""
     from raylib.config import validate_job
     from raylib.data import ALPACA
     from raylib.synthetic import make_rows, swapped_answer, write_jsonl
     from raylib.train_loop import PlainSession, run
 
-    # template=True: half the rows in the instruction template the jobs use, and in one of two
+    # instruct=True: half the rows in the instruction template the jobs use, and in one of two
     # of those the answer applies the domain's other operation (synthetic.swapped_answer)
     def text(i: int, r: dict) -> str:
-        if template and i % 2 == 0:
+        if instruct and i % 2 == 0:
             answer = swapped_answer(r) if (i // 2) % 2 == 0 else r["output"]
             return ALPACA.prompt(r["instruction"], r["input"]) + answer + ALPACA.end
         return f"{r['instruction']} {r['input']} => {r['output']}".replace("  ", " ")
 
-    texts = [{"text": text(i, r)} for i, r in enumerate(make_rows(rows, seed=seed + 777 + phase))]
+    rows = INSTRUCT_PRETRAIN_ROWS if instruct else 4000
+    texts = [{"text": text(i, r)} for i, r in enumerate(make_rows(rows, seed=seed + 777))]
     corpus = write_jsonl(texts, os.path.join(work_dir, "corpus.jsonl"))
     job = validate_job({
         "model": {"path": model_dir},
         "data": {"train": corpus, "template": "plain", "max_length": 256, "eval_split": 0},
         "method": {"name": "full"},
-        "train": {"lr": lr, "max_steps": steps, "batch_size": 16, "checkpoint_every": 0,
+        "train": {"lr": 3e-3, "max_steps": steps, "batch_size": 16, "checkpoint_every": 0,
                   "warmup_ratio": 0.05, "seed": seed},
         "output": {"dir": os.path.join(work_dir, "pretrain")},
     }, source="tiny pretraining")
