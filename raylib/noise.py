@@ -38,6 +38,13 @@ LOG_NOISE: tuple[LogNoise, ...] = (
         "run is unaffected. The notice prints on every import, in every process.",
     ),
     LogNoise(
+        "ray._private.authentication.authentication_token_setup",
+        "Token authentication is enabled for this Ray cluster",
+        "Ray >= 2.5x turns token authentication on for every new local cluster (what raylib's embedded "
+        "Ray is) and says so on each start, with how to turn it off; raylib keeps Ray's default. The "
+        "warning for a cluster started without authentication is kept.",
+    ),
+    LogNoise(
         "ray.data._internal.progress",
         "Progress bars disabled",
         "raylib turns Ray Data's progress bars off (`ingest.quiet_ray_data`: raylib reports what the data "

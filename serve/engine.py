@@ -25,7 +25,7 @@ the same targets/layers (the plain base is decomposed in place when there is non
 experts without a shared model (full, ia3, ...) or SVF experts with other targets load a new
 copy of the base weights.
 
-A request may also mix experts (`mix` {name: weight}): SVF experts by z_mix = sum w_k z_k
+A request may also mix experts (`mix` {name: weight}): SVF experts by z_mix = 1 + sum w_k (z_k - 1)
 (`svf.mix`), LoRA experts by PEFT's `add_weighted_adapter` (`combination` linear or cat). Each
 weight set becomes a slot of its own, kept in a small LRU cache (`mix_cache` entries).
 """

@@ -60,7 +60,8 @@ def test_cem_mix_beats_or_matches_best_single_expert_and_is_seeded(svf_experts, 
     assert log1["alphas"] == log2["alphas"] and log1["score"] == log2["score"]  # same seed, any number of actors
     assert log2["actors"] == 2
     best_single = max(log1["single_expert_scores"].values())
-    assert log1["score"] >= best_single, log1
+    assert log1["score"] >= best_single and log1["score"] >= log1["base_score"], log1
+    assert log1["selected"] in ("mix", "base", *log1["single_expert_scores"]) and log1["best_mix"]["alphas"]
     assert len(log1["history"]) == 2 and (tmp_path / "one" / "convergence.png").stat().st_size > 1000
     assert any(h["best"] > h["mean"] for h in log1["history"]), log1["history"]  # the candidates really differ
 
@@ -94,6 +95,29 @@ def test_cem_mix_beats_or_matches_best_single_expert_and_is_seeded(svf_experts, 
     assert exact_match(model, tok, rows) == pytest.approx(rescored["task"])
 
 
+def test_cem_keeps_the_best_single_expert_unless_a_mix_is_significantly_better():
+    """The winner's-curse guard (`cem.select`): on 20 rows, a mix one row ahead of the best
+    single expert is luck; a mix ten rows ahead (and never behind) is not."""
+    from raylib.search.cem import paired_gain_z, required_gain_z, select
+
+    def cand(name, rows):
+        return {"name": name, "rows": rows, "score": sum(rows) / len(rows)}
+
+    single = cand("single", [1.0] * 8 + [0.0] * 12)
+    weak = cand("weak", [0.0] * 20)
+    base = cand("base", [1.0] * 6 + [0.0] * 14)
+    lucky = cand("lucky", [1.0] * 9 + [0.0] * 11)  # +1 row
+    strong = cand("strong", [1.0] * 18 + [0.0] * 2)  # +10 rows, never behind
+    chosen, best_mix = select([single, weak, base, lucky], 3, min_gain_z=1.645)
+    assert chosen["name"] == "single" and best_mix["name"] == "lucky" and 0 < best_mix["gain_z"] < 1.645
+    chosen, _ = select([single, weak, base, lucky, strong], 3, min_gain_z=1.645)
+    assert chosen["name"] == "strong" and paired_gain_z(strong["rows"], single["rows"]) > 3
+    assert select([single, weak, base, lucky], 3, min_gain_z=0)[0]["name"] == "lucky"  # 0: the best score wins
+    near_base = cand("near_base", [1.0] * 7 + [0.0] * 13)
+    assert select([weak, base, near_base], 2, min_gain_z=1.645)[0]["name"] == "base"  # the base is an anchor too
+    assert required_gain_z(0.95) == pytest.approx(1.645, abs=1e-3) and required_gain_z(0) == 0  # one-sided; 0: no guard
+
+
 def test_cem_rejects_bad_input_before_ray(svf_experts, fewshot, tmp_path, tiny_model):
     proc = run_cli("cem", "--experts", svf_experts["arithmetic"], "--fewshot", fewshot, "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "at least two experts" in proc.stderr
@@ -103,4 +127,7 @@ def test_cem_rejects_bad_input_before_ray(svf_experts, fewshot, tmp_path, tiny_m
     proc = run_cli("cem", "--experts", svf_experts["arithmetic"], "--experts", svf_experts["comparison"],
                    "--fewshot", fewshot, "--out", str(tmp_path / "o"), "--elite-frac", "0")
     assert proc.returncode == 2 and "--elite-frac" in proc.stderr
+    proc = run_cli("cem", "--experts", svf_experts["arithmetic"], "--experts", svf_experts["comparison"],
+                   "--fewshot", fewshot, "--out", str(tmp_path / "o"), "--population", "3")
+    assert proc.returncode == 2 and "--population" in proc.stderr
     assert "Started a local Ray" not in proc.stderr

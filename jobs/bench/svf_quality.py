@@ -19,7 +19,9 @@ Table 2, an unseen task (the three domains' test prompts mixed; no expert was tr
 mixture): the base, the best single SVF expert (all-linear, SFT), prompt-based routing (the
 base model classifies each request, `raylib.serve.strategies.PromptClassifier`), classifier routing
 (`raylib.serve.classifier` trained on the domains' training rows) and CEM few-shot mixing
-(`raylib cem` on `--fewshot` rows of the mixture's training side).
+(`raylib cem` on `--fewshot` rows of the unseen task: another draw of the same test-split
+prompts; strings has only 14 test prompts, so its few-shot rows repeat prompts the test asks,
+which CEM cannot memorise: it only picks the mixing weights).
 
 Prints both tables, mean ± spread (min..max) over seeds, writes a plot (svf_quality.png in
 --work) and ends with one JSON line:
@@ -115,7 +117,7 @@ def unseen_task(base: str, experts: dict[str, str], work: str, seed: int, args) 
     """Table 2 for one seed: base, best single expert, prompt/classifier routing, CEM."""
     from raylib.config import ModelConfig
     from raylib.evaluation import exact_match
-    from raylib.methods import get_method
+    from raylib.methods import get_method, svf
     from raylib.models import load_model, load_tokenizer
     from raylib.search.cem import CEMOptions, run_cem
     from raylib.synthetic import make_rows, write_jsonl
@@ -125,7 +127,9 @@ def unseen_task(base: str, experts: dict[str, str], work: str, seed: int, args) 
 
     test = make_rows(args.eval_rows, DOMAINS, seed + 20_000, "test")
     train = make_rows(args.rows, DOMAINS, seed + 30_000, "train")
-    fewshot = write_jsonl(train[: args.fewshot], os.path.join(work, "fewshot.jsonl"))
+    # few-shot rows are samples of the unseen task itself (another draw of its prompts), as in
+    # the paper; rows of the experts' training side would favour experts that memorised them
+    fewshot = write_jsonl(make_rows(args.fewshot, DOMAINS, seed + 40_000, "test"), os.path.join(work, "fewshot.jsonl"))
     mcfg = ModelConfig(path=base)
     tok = load_tokenizer(mcfg)
     models = {d: get_method("svf").load(load_model(mcfg), e) for d, e in experts.items()}
@@ -137,6 +141,11 @@ def unseen_task(base: str, experts: dict[str, str], work: str, seed: int, args) 
         for r, d in zip(test, routes):
             by.setdefault(d, []).append(r)
         return sum(exact_match(models.get(d, base_model), tok, rs) * len(rs) for d, rs in by.items()) / len(test)
+
+    def mixed_model(alphas: list):
+        model = get_method("svf").load(load_model(mcfg), next(iter(experts.values())))
+        svf.set_z(model, svf.mix(svf.load_experts(list(experts.values())), alphas))
+        return model
 
     singles = {d: exact_match(m, tok, test) for d, m in models.items()}
     prompt = PromptClassifier(base, list(experts), RouterConfig(strategy="prompt"))
@@ -154,6 +163,10 @@ def unseen_task(base: str, experts: dict[str, str], work: str, seed: int, args) 
         "classifier": routed([clf.route(row_text(r))[0] for r in test]),
         "cem": exact_match(get_method("svf").load(load_model(mcfg), cem.expert_dir), tok, test),
         "cem_alphas": [round(a, 3) for a in cem.alphas],
+        "cem_selected": {"mix": "mix", "base": "base"}.get(cem.selected) or next(
+            d for d, e in experts.items() if os.path.abspath(e) == os.path.abspath(cem.selected)),
+        "cem_best_mix": {"fewshot": round(cem.best_mix["score"], 3), "gain_z": round(cem.best_mix["gain_z"], 2),
+                         "test": exact_match(mixed_model(cem.best_mix["alphas"]), tok, test)},
     }
 
 
@@ -202,7 +215,7 @@ def main() -> None:
     ap.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
                     help="override a method's SFT learning rate, e.g. svf-all=0.02")
     ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS)
-    ap.add_argument("--fewshot", type=int, default=24, help="CEM few-shot rows of the unseen task")
+    ap.add_argument("--fewshot", type=int, default=96, help="CEM few-shot rows of the unseen task")
     ap.add_argument("--population", type=int, default=12)
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--no-unseen", action="store_true", help="skip Table 2")
@@ -277,7 +290,8 @@ def main() -> None:
         for k in ("base", "best_single", "prompt", "classifier", "cem"):
             print(f"  {k:<12} {spread(unseen[k])}")
         print(f"  prompt routing accuracy {spread(unseen['prompt_routing_accuracy'])}; best single expert: "
-              f"{unseen['best_single_domain']}; CEM alphas {unseen['cem_alphas']}")
+              f"{unseen['best_single_domain']}; CEM alphas {unseen['cem_alphas']}, result {unseen['cem_selected']}; "
+              f"CEM's best mix (few-shot / test / z over the best anchor) {unseen['cem_best_mix']}")
         plot(table, unseen, os.path.join(run_dir, "svf_quality.png"))
         print(f"plot: {os.path.join(run_dir, 'svf_quality.png')}")
     print(f"total {time.time() - started:.0f} s")

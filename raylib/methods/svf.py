@@ -45,7 +45,7 @@ Public API (stable; used by serve and CEM code)::
     base_mode(model)                               # context manager: z = 1 inside
     load_z(expert_dir) -> dict[str, Tensor]
     load_experts(expert_dirs) -> list[dict[str, Tensor]]
-    mix(zs, alphas) -> dict[str, Tensor]           # Σ αₖ zₖ; alphas: [K] or per layer [K][L]
+    mix(zs, alphas) -> dict[str, Tensor]           # 1 + Σ αₖ (zₖ - 1); alphas: [K] or per layer [K][L]
     apply_expert(model, expert_dir_or_dirs, alphas=None)   # load (+ mix) + set_z
     merge(model) -> model                          # SVFLinear -> plain nn.Linear in place
     export_merged(base_model_path, expert_dir, out_dir, alphas=None) -> out_dir
@@ -230,8 +230,12 @@ def load_experts(expert_dirs: Sequence[str]) -> list[dict]:
 
 
 def mix(zs: Sequence[dict], alphas) -> dict:
-    """z_mix = Σₖ αₖ·zₖ. `alphas`: K floats, or K lists of one weight per decoder layer
-    (a module's layer index picks the weight; modules outside numbered layers use the mean)."""
+    """z_mix = 1 + Σₖ αₖ·(zₖ − 1): each expert's change to the base (z = 1) scaled by its
+    weight, as PEFT's linear `add_weighted_adapter` scales LoRA deltas. Weights that sum to 1
+    give the convex mix Σₖ αₖ·zₖ; all zeros give the base model; one expert at 0.5 is that
+    expert at half strength (where Σ αₖ·zₖ would halve every singular value of the model).
+    `alphas`: K floats, or K lists of one weight per decoder layer (a module's layer index
+    picks the weight; modules outside numbered layers use the mean)."""
     import torch
 
     if len(alphas) != len(zs):
@@ -239,13 +243,12 @@ def mix(zs: Sequence[dict], alphas) -> dict:
     out = {}
     for name in zs[0]:
         li = layer_index(name)
-        acc = None
+        acc = torch.ones_like(zs[0][name], dtype=torch.float32)
         for a, z in zip(alphas, zs):
             if isinstance(a, (list, tuple)) or (hasattr(a, "ndim") and a.ndim > 0):
                 a = a[li] if li is not None else sum(a) / len(a)
-            term = float(a) * z[name].float()
-            acc = term if acc is None else acc + term
-        out[name] = acc.to(torch.float32)
+            acc = acc + float(a) * (z[name].float() - 1.0)
+        out[name] = acc
     return out
 
 

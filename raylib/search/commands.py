@@ -55,6 +55,9 @@ def tune(job_yaml: str, search_yaml: str, overrides: tuple[str, ...], resume: bo
 @click.option("--per-layer", is_flag=True, help="one alpha per expert and decoder layer")
 @click.option("--score", default="exact_match", show_default=True, help="exact_match or a reward name / module:function")
 @click.option("--loglik-weight", type=float, default=0.0, show_default=True, help="add weight x mean answer log-likelihood")
+@click.option("--confidence", type=float, default=0.95, show_default=True,
+              help="a mix replaces the best single expert (or the base) only if it beats it on the few-shot rows "
+                   "at this confidence (one-sided, paired over rows); 0: the best score wins")
 @click.option("--actors", type=int, default=None, help="parallel scoring actors (default: the cluster's CPUs)")
 @click.option("--domain", default="cem", show_default=True, help="domain label of the composed expert")
 @click.option("--address", default=None, help="Ray cluster to run on (default: $RAY_ADDRESS, else an embedded local Ray)")
@@ -74,6 +77,11 @@ def cem(experts, fewshot, out_dir, address, **options) -> None:
     result = run_cem(dirs, fewshot, out_dir, opts, address=address)
     singles = ", ".join(f"{os.path.basename(d.rstrip('/'))}={s:.3f}" for d, s in result.single_expert_scores.items())
     alphas = json.dumps(result.alphas if opts.per_layer else [round(a, 4) for a in result.alphas])
-    click.echo(f"single experts: {singles}")
-    click.echo(f"best alphas {alphas}: score {result.score:.3f}")
+    click.echo(f"single experts: {singles}; base={result.base_score:.3f}")
+    if result.best_mix:
+        m = result.best_mix
+        click.echo(f"best mix: score {m['score']:.3f}, {m['gain_z']:+.2f} standard errors over the best single "
+                   f"expert or base (needed: {result.required_gain_z:.2f})")
+    kept = {"mix": "the mix", "base": "the base model (α = 0)"}.get(result.selected, f"expert {result.selected}")
+    click.echo(f"result: {kept}, alphas {alphas}, score {result.score:.3f}")
     click.echo(f"composed expert: {result.expert_dir} (cem.json, convergence.png)")
