@@ -170,7 +170,10 @@ TINY_DEFAULTS = dict(
 #: seed, this machine): a first phase of 1000 steps on 300k plain rows teaches arithmetic (0.82)
 #: and SVF then beats the base by 0.2 on arithmetic and comparison, but that base answers each
 #: strings word by rote whatever the instruction, and every SVF expert (mlp, attn, all-linear,
-#: Adam at lr 0.01-0.05, SGD) fell below it on the unseen test words.
+#: Adam at lr 0.01-0.05, SGD) fell below it on the unseen test words. A longer template phase
+#: after it (1600 steps on 120k rows) did not fix that: plain skill 0.97 / 1.0 / 0.975, SVF
+#: +0.12 / -0.055 / +0.325 over the base and LoRA +0.21 / +0.02 / +0.355 (strings has 7 test
+#: words; neither method carried the operations over to them).
 INSTRUCT_TINY = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2)
 INSTRUCT_PRETRAIN_STEPS = 800

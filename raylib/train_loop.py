@@ -106,11 +106,6 @@ def train_worker(config: dict[str, Any]) -> None:
 
     job = JobConfig.model_validate(config["job"])
     session, use_gpu = RaySession(config.get("progress")), config.get("use_gpu", False)
-    if job.objective.name not in BATCH_OBJECTIVES:  # reinforce, ppo (RolloutSteps) and grpo (TRL)
-        from raylib.objectives import rl
-
-        rl.run(job, session, use_gpu=use_gpu)
-        return
     run(job, session, use_gpu=use_gpu, streamed=config.get("data"))
 
 
@@ -118,8 +113,13 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 def run(job, session, use_gpu: bool = False, streamed: dict | None = None) -> dict[str, Any]:
-    """Train one job of a worker-loop objective (`recipe.fit` over `BatchSteps`); `streamed`:
-    the driver's Ray Data ingestion info (`ingest.build`) when the data streams."""
+    """Train one job in this process, whatever its objective: `recipe.fit` over `BatchSteps`,
+    or for reinforce/ppo/grpo `objectives.rl.run`. `streamed`: the driver's Ray Data ingestion
+    info (`ingest.build`) when the data streams (batch objectives only)."""
+    if job.objective.name not in BATCH_OBJECTIVES:  # reinforce, ppo (RolloutSteps) and grpo (TRL)
+        from raylib.objectives import rl
+
+        return rl.run(job, session, use_gpu=use_gpu)
     return recipe.fit(job, session, BatchSteps(job, use_gpu, streamed))
 
 

@@ -11,7 +11,6 @@ from helpers import job_dict, run_cli, write_job
 
 from raylib.config import validate_job
 from raylib.errors import ConfigError
-from raylib.objectives import rl
 from raylib.train_loop import PlainSession, run
 
 
@@ -68,7 +67,7 @@ def test_rl_objectives_stop_early_on_their_eval_reward(tiny_model, tmp_path):
         train={"lr": 1e-3, "batch_size": 4, "max_steps": 10, "eval_every": 1, "checkpoint_every": 0,
                "early_stopping": {"metric": "eval_reward", "patience": 2, "min_delta": 5.0}}))
     session = PlainSession(str(tmp_path / "ck"))
-    assert rl.run(job, session)["step"] == 2  # a 0..1 reward never rises by 5
+    assert run(job, session)["step"] == 2  # a 0..1 reward never rises by 5 (train_loop.run dispatches to rl.run)
     assert "eval_reward" in session.reports[-1]["stopped_early"]
 
 

@@ -35,6 +35,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from raylib.errors import ConfigError
