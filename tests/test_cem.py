@@ -115,7 +115,8 @@ def test_cem_keeps_the_best_single_expert_unless_a_mix_is_significantly_better()
     assert select([single, weak, base, lucky], 3, min_gain_z=0)[0]["name"] == "lucky"  # 0: the best score wins
     near_base = cand("near_base", [1.0] * 7 + [0.0] * 13)
     assert select([weak, base, near_base], 2, min_gain_z=1.645)[0]["name"] == "base"  # the base is an anchor too
-    assert required_gain_z(0.95) == pytest.approx(1.645, abs=1e-3) and required_gain_z(0) == 0  # one-sided; 0: no guard
+    assert required_gain_z(0.95) == pytest.approx(1.645, abs=1e-3) and required_gain_z(0.8) == pytest.approx(0.842, abs=1e-3)
+    assert required_gain_z(0) == 0  # one-sided; 0: no guard
 
 
 def test_cem_rejects_bad_input_before_ray(svf_experts, fewshot, tmp_path, tiny_model):

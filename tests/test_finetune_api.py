@@ -6,7 +6,6 @@ end to end, a real client fine-tunes the tiny model on a real Ray cluster."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import threading
 import time

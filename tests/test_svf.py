@@ -228,3 +228,24 @@ def test_svf_on_bf16_weights_learns_at_a_small_learning_rate(forward, tiny_model
     assert all(z.dtype == torch.float32 for z in zs)
     assert max(float((z.detach() - 1).abs().max()) for z in zs) < 2 ** -9  # every z moved less than bf16 resolves at 1.0
     assert final["eval_loss"] < final["eval_loss_before"] - 1e-3, final
+
+
+@pytest.mark.slow
+def test_the_svf_quality_benchmark_runs_sft_reinforce_and_the_unseen_task(instruct_tiny_model, tmp_path):
+    """`jobs/bench/svf_quality.py --quick` end to end (SFT and REINFORCE experts, then routing
+    and CEM on the unseen task): the benchmark is how the README's SVF figures are made, and
+    its REINFORCE runs once broke unnoticed. Asserts the summary line is complete, not figures."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "bench", "svf_quality.py")
+    proc = subprocess.run([sys.executable, script, "--quick", "--objectives", "sft", "reinforce", "--methods", "svf-all",
+                           "--base", instruct_tiny_model, "--work", str(tmp_path)],
+                          capture_output=True, text=True, timeout=1800, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(summary["domains"]) == {"arithmetic", "strings", "comparison"}
+    assert all(0 <= v[k] <= 1 for v in summary["domains"].values() for k in ("base", "svf"))
+    assert set(summary["worst_seed_margin"]) == {"svf-all/sft", "svf-all/reinforce"}
+    assert set(summary["unseen"]) == {"base", "best_single", "prompt", "classifier", "cem"}
+    assert (tmp_path / os.listdir(tmp_path)[0] / "svf_quality.png").stat().st_size > 1000

@@ -3,6 +3,7 @@
     python jobs/bench/svf_quality.py [--seeds 0 1 2] [--steps 300] [--objectives sft reinforce]
                                      [--jobs 2] [--quick] [--base DIR] [--domains strings ...]
                                      [--methods lora svf-all svf-attn ...] [--lr svf-all=0.02]
+                                     [--rl-lr svf-all=0.05]
 
 Base: the instruct tiny Llama (`raylib tiny --instruct`: 4 layers of 128, pretrained by
 raylib to be weak but real). Data: the synthetic domains with a held-out test split
@@ -57,7 +58,7 @@ METHODS = {
 
 def job_for(base: str, data: dict, out: str, method: str, objective: str, seed: int, args) -> dict:
     section, sft_lr, rl_lr = METHODS[method]
-    sft_lr = args.lr.get(method, sft_lr) if objective == "sft" else sft_lr
+    sft_lr, rl_lr = args.lr.get(method, sft_lr), args.rl_lr.get(method, rl_lr)
     job = {
         "model": {"path": base},
         "data": {**data, "max_length": 256},
@@ -214,6 +215,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["lora", "svf-mlp", "svf-all"], choices=list(METHODS))
     ap.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
                     help="override a method's SFT learning rate, e.g. svf-all=0.02")
+    ap.add_argument("--rl-lr", nargs="+", default=[], metavar="METHOD=LR",
+                    help="override a method's REINFORCE learning rate, e.g. svf-all=0.05")
     ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS)
     ap.add_argument("--fewshot", type=int, default=96, help="CEM few-shot rows of the unseen task")
     ap.add_argument("--population", type=int, default=12)
@@ -227,7 +230,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(one_run(json.loads(args.one))))
         return
-    args.lr = {k: float(v) for k, v in (item.split("=", 1) for item in args.lr)}
+    args.lr, args.rl_lr = ({k: float(v) for k, v in (item.split("=", 1) for item in items)} for items in (args.lr, args.rl_lr))
     domains = tuple(args.domains)
     if args.quick:
         args.seeds, args.steps, args.eval_rows, args.population, args.iterations = [0], 60, 60, 6, 2

@@ -55,7 +55,7 @@ def tune(job_yaml: str, search_yaml: str, overrides: tuple[str, ...], resume: bo
 @click.option("--per-layer", is_flag=True, help="one alpha per expert and decoder layer")
 @click.option("--score", default="exact_match", show_default=True, help="exact_match or a reward name / module:function")
 @click.option("--loglik-weight", type=float, default=0.0, show_default=True, help="add weight x mean answer log-likelihood")
-@click.option("--confidence", type=float, default=0.95, show_default=True,
+@click.option("--confidence", type=float, default=0.8, show_default=True,
               help="a mix replaces the best single expert (or the base) only if it beats it on the few-shot rows "
                    "at this confidence (one-sided, paired over rows); 0: the best score wins")
 @click.option("--actors", type=int, default=None, help="parallel scoring actors (default: the cluster's CPUs)")
