@@ -83,7 +83,7 @@ def cem_expert(serve_experts, serve_ray, tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("cem")
     fewshot = write_jsonl(make_rows(6, domains=["arithmetic", "comparison"], seed=3), str(root / "fewshot.jsonl"))
     run_cem([serve_experts["arithmetic"], serve_experts["comparison"]], fewshot, str(root / "out"),
-            CEMOptions(population=2, iterations=1, actors=1, max_new_tokens=4))
+            CEMOptions(population=4, iterations=1, actors=1, max_new_tokens=4))
     return str(root / "out")
 
 

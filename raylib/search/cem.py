@@ -104,7 +104,7 @@ def preflight(expert_dirs: list[str], fewshot: str, opts: CEMOptions) -> tuple[d
     if opts.population < len(expert_dirs) + 2:
         raise ConfigError("--population", f"{opts.population} candidates cannot hold the {len(expert_dirs) + 2} the "
                           "first iteration starts from (each expert alone, the base model, the uniform mix)",
-                          f"use --population {max(16, len(expert_dirs) + 2)} or more")
+                          f"use --population {len(expert_dirs) + 2} or more (default 16)")
     infos = []
     for d in expert_dirs:
         try:
