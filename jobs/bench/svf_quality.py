@@ -145,7 +145,7 @@ def unseen_task(base: str, experts: dict[str, str], work: str, seed: int, args) 
 
     def mixed_model(alphas: list):
         model = get_method("svf").load(load_model(mcfg), next(iter(experts.values())))
-        svf.set_z(model, svf.mix(svf.load_experts(list(experts.values())), alphas))
+        svf.apply_expert(model, list(experts.values()), alphas)
         return model
 
     singles = {d: exact_match(m, tok, test) for d, m in models.items()}
